@@ -1,0 +1,52 @@
+"""What the daemon needs from a model backend, independent of llama.cpp or transformers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from zyke.protocol import ModelInfo
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    schema: dict[str, Any]  # the reply schema narrowed to the NPC's enums
+    max_tokens: int = 96
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    repeat_penalty: float = 1.0
+    adapter: str | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+
+
+#: Called with each decoded piece of text; returns False to stop generating (a stop string was hit).
+OnText = Callable[[str], bool]
+
+
+class Backend(Protocol):
+    name: str
+    model: ModelInfo
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def generate(self, request: GenerationRequest, on_text: OnText) -> GenerationResult: ...
+
+    def close(self) -> None: ...

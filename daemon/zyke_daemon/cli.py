@@ -1,0 +1,154 @@
+"""``zyke-daemon``: start, stop and inspect the local daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import click
+
+from zyke.paths import data_dir, read_runtime
+
+from . import __version__
+from .config import load_config
+from .errors import ModelLoadError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="zyke-daemon")
+def cli() -> None:
+    """The Zyke daemon: NPC replies from a local model, over WebSocket."""
+
+
+@cli.command()
+@click.option("--host", help="Address to bind (default 127.0.0.1; anything else exposes the daemon).")
+@click.option("--port", type=int, help="Port (default 7341; 0 picks a free one).")
+@click.option("--model", type=click.Path(dir_okay=False), help="A GGUF model file (default: the embedded Gemma 3 270M).")
+@click.option("--backend", type=click.Choice(["auto", "llama.cpp"]), help="Model backend.")
+@click.option("--threads", "n_threads", type=int, help="CPU threads for llama.cpp.")
+@click.option("--allow-origin", "allowed_origins", multiple=True,
+              help="A browser Origin allowed to connect (repeatable). Browsers are refused otherwise.")
+@click.option("--detach", is_flag=True, help="Run in the background and return once the model is ready.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
+def start(detach: bool, **flags: Any) -> None:
+    """Start the daemon (config: flags > ZYKE_* env vars > daemon.toml in the config dir)."""
+    flags["allowed_origins"] = flags["allowed_origins"] or None
+    try:
+        config = load_config(flags)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    running = _health()
+    if running is not None:
+        raise click.ClickException(f"a daemon is already running (pid {running[0].get('pid')}); "
+                                   "stop it with: zyke-daemon stop")
+    if detach:
+        _start_detached(config.port)
+        return
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .app import run_daemon
+
+    try:
+        asyncio.run(run_daemon(config))
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the health document as JSON.")
+def status(as_json: bool) -> None:
+    """Say whether a daemon is running, and on what model. Exit code 1 when none is."""
+    found = _health()
+    if found is None:
+        click.echo("not running (start it with: zyke-daemon start)", err=True)
+        sys.exit(1)
+    runtime, health = found
+    if as_json:
+        click.echo(json.dumps(health | {"pid": runtime.get("pid"), "port": runtime.get("port")}))
+    else:
+        click.echo(f"{health['status']}: ws://{runtime['host']}:{runtime['port']} pid {runtime.get('pid')} "
+                   f"model {health.get('model', '-')} backend {health.get('backend', '-')} "
+                   f"up {health['uptime_s']:.0f}s")
+
+
+@cli.command()
+@click.option("--timeout", default=15.0, show_default=True, help="Seconds to wait for it to exit.")
+def stop(timeout: float) -> None:
+    """Stop the running daemon (SIGTERM, then wait)."""
+    runtime = read_runtime()
+    if not runtime or not _alive(runtime.get("pid")):
+        click.echo("not running", err=True)
+        sys.exit(1)
+    pid = int(runtime["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"daemon pid {pid} did not exit within {timeout:g} s")
+        time.sleep(0.1)
+    click.echo(f"stopped (pid {pid})")
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours still answers kill(0)
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        return waited == 0
+    except ChildProcessError:
+        return True
+
+
+def _health() -> tuple[dict[str, Any], dict[str, Any]] | None:
+    runtime = read_runtime()
+    if not runtime or not _alive(runtime.get("pid")):
+        return None
+    host = "127.0.0.1" if runtime["host"] in ("0.0.0.0", "::") else runtime["host"]
+    try:
+        with urllib.request.urlopen(f"http://{host}:{runtime['port']}/health", timeout=3) as resp:
+            return runtime, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return runtime, json.loads(exc.read() or b"{}") | {"status": "error"}
+    except (OSError, ValueError):
+        return None
+
+
+def _start_detached(port: int) -> None:
+    log_path = data_dir() / "daemon.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    args = [a for a in sys.argv[1:] if a != "--detach"]
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "zyke_daemon", *args], stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    with click.progressbar(length=1, label="starting zyke-daemon", file=sys.stderr) as bar:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise click.ClickException(f"the daemon exited with code {proc.returncode}; see {log_path}")
+            found = _health()
+            if found and found[0].get("pid") == proc.pid and found[1]["status"] == "ready":
+                bar.update(1)
+                break
+            time.sleep(0.2)
+        else:
+            raise click.ClickException(f"the daemon did not become ready; see {log_path}")
+    runtime = found[0]
+    click.echo(f"zyke-daemon ready on ws://{runtime['host']}:{runtime['port']} (pid {proc.pid}, log {log_path})")
+
+
+def main() -> None:
+    cli()

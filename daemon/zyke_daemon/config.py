@@ -1,0 +1,77 @@
+"""Daemon settings: defaults, then the TOML file in the user config dir, then ZYKE_* env vars, then flags.
+
+Flags win because a developer typing a command means it; env vars beat the file so a launcher or a
+test can override one value without editing anything.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from zyke.paths import DEFAULT_PORT, config_dir
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    model: str | None = None  # None: the embedded Gemma 3 270M
+    backend: str = "auto"
+    log_level: str = "info"
+    n_ctx: int = 4096
+    n_threads: int | None = None  # None: llama.cpp's own choice
+    max_frame_bytes: int = 64 * 1024
+    max_queued_per_client: int = 8
+    request_timeout_s: float = 120.0
+    max_history: int = 12
+    allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+    token: str | None = None  # None: ZYKE_TOKEN or the token file
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in {"127.0.0.1", "localhost", "::1"}
+
+
+def config_file() -> Path:
+    return Path(os.environ.get("ZYKE_CONFIG_FILE") or config_dir() / "daemon.toml")
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    kind = {f.name: f.type for f in fields(DaemonConfig)}[name]
+    if raw is None:
+        return None
+    if "tuple" in str(kind):
+        items = raw.split(",") if isinstance(raw, str) else raw
+        return tuple(str(i).strip() for i in items if str(i).strip())
+    if kind.startswith("int"):
+        return int(raw)
+    if kind.startswith("float"):
+        return float(raw)
+    return str(raw)
+
+
+def load_config(overrides: dict[str, Any] | None = None, path: Path | None = None) -> DaemonConfig:
+    """Merge the layers. Unknown keys in the file are an error, so a typo is not silently ignored."""
+    names = {f.name for f in fields(DaemonConfig)}
+    values: dict[str, Any] = {}
+    cfg_path = path or config_file()
+    if cfg_path.exists():
+        with cfg_path.open("rb") as fh:
+            data = tomllib.load(fh)
+        data = data.get("daemon", data)
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"{cfg_path}: unknown setting(s) {', '.join(sorted(unknown))}")
+        values.update({k: _coerce(k, v) for k, v in data.items()})
+    for name in names:
+        env = os.environ.get(f"ZYKE_{name.upper()}")
+        if env is not None and env != "":
+            values[name] = _coerce(name, env)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value)
+    return replace(DaemonConfig(), **values)

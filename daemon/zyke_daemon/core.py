@@ -1,0 +1,376 @@
+"""The daemon's sans-I/O core: frames in, actions out. No sockets, no asyncio, no threads started.
+
+``ConnectionCore.receive`` takes one raw WebSocket message and returns what should happen: frames to
+send, a generation job to queue, a job to cancel. The server (server.py) carries those actions out.
+Keeping the protocol here means every rule (auth, validation, routing, per-client caps, error codes)
+is tested by calling plain methods, and the server stays a thin shell (the websockets library's own
+design, applied one level up).
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from zyke.prompt_format import render_prompt, reply_schema
+from zyke.protocol import (
+    PROTOCOL_VERSION,
+    AdapterInfo,
+    Adapters,
+    ClientFrame,
+    Error,
+    ErrorCode,
+    Frame,
+    GenerationOptions,
+    ModelInfo,
+    NpcDefine,
+    NpcDefined,
+    NpcReply,
+    NpcReset,
+    NpcSay,
+    NpcSpec,
+    NpcStateFrame,
+    NpcStateGet,
+    NpcStateSet,
+    Ok,
+    Ping,
+    Pong,
+    Reply,
+    Timings,
+    Turn,
+    Usage,
+    Welcome,
+    dump_frame,
+)
+from zyke.protocol.models import Cancel, Hello, Limits
+
+from . import __version__
+from .backends.base import GenerationRequest, GenerationResult
+from .config import DaemonConfig
+from .errors import DaemonError
+from .reply_stream import ReplyAssembler
+from .sessions import SessionStore
+from .validation import client_frame_types, describe, first_error, validator_for
+
+CAPABILITIES = ["stream", "constrained", "cancel", "npc.state", "adapters"]
+DEFAULT_MAX_TOKENS = 96
+DEFAULT_REPEAT_PENALTY = 1.15
+_CLIENT_FRAME: TypeAdapter[Any] = TypeAdapter(ClientFrame)
+
+
+# --- actions the server carries out ---------------------------------------------------------------
+
+
+@dataclass
+class Send:
+    frame: dict[str, Any]
+
+
+@dataclass
+class Submit:
+    job: SayJob
+
+
+@dataclass
+class CancelJob:
+    job: SayJob
+
+
+Action = Send | Submit | CancelJob
+
+
+@dataclass
+class SayJob:
+    """One npc.say waiting for, or in, the model. The prompt is built when it runs, not when queued,
+    so a second line queued for the same NPC sees the first one's reply in its history."""
+
+    request_id: str
+    conn: ConnectionCore
+    frame: NpcSay
+    enqueued_at: float
+    adapter: str | None
+    options: GenerationOptions
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started_at: float | None = None
+
+    @property
+    def npc_id(self) -> str:
+        return self.frame.npc
+
+
+# --- shared state ---------------------------------------------------------------------------------
+
+
+class DaemonCore:
+    """State shared by all connections: config, sessions, what the model is."""
+
+    def __init__(self, config: DaemonConfig, sessions: SessionStore, token: str, model: ModelInfo,
+                 backend_name: str, adapters: Callable[[], list[AdapterInfo]] = list) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.token = token
+        self.model = model
+        self.backend_name = backend_name
+        self.adapters = adapters
+        self._conn_ids = itertools.count(1)
+
+    def connect(self) -> ConnectionCore:
+        return ConnectionCore(self, next(self._conn_ids))
+
+    # -- generation, split so the server can run the middle part on the model thread
+
+    def prepare(self, job: SayJob, count_tokens: Callable[[str], int], n_ctx: int) -> GenerationRequest:
+        """Build the model request: prompt from the session (oldest turns dropped to fit n_ctx)."""
+        session = self.sessions.get(job.conn.game, job.npc_id)
+        if session is None:
+            raise DaemonError(ErrorCode.UNKNOWN_NPC, f"NPC {job.npc_id!r} was removed", job.request_id)
+        opts = job.options
+        max_tokens = opts.max_tokens or DEFAULT_MAX_TOKENS
+        history = list(session.history)
+        budget = n_ctx - max_tokens - 8
+        while True:
+            prompt = render_prompt(session.spec, history, job.frame.input, job.frame.state)
+            if not history or count_tokens(prompt) <= budget:
+                break
+            history.pop(0)
+        return GenerationRequest(
+            prompt=prompt,
+            schema=reply_schema(session.spec),
+            max_tokens=max_tokens,
+            temperature=opts.temperature if opts.temperature is not None else 0.0,
+            top_p=opts.top_p if opts.top_p is not None else 1.0,
+            top_k=opts.top_k or 0,
+            seed=opts.seed,
+            repeat_penalty=opts.repeat_penalty if opts.repeat_penalty is not None else DEFAULT_REPEAT_PENALTY,
+            adapter=job.adapter,
+            cancel=job.cancel,
+        )
+
+    def assembler(self, job: SayJob) -> ReplyAssembler:
+        spec = self._spec(job)
+        defaults = spec.defaults
+        return ReplyAssembler(
+            list(spec.emotions), list(spec.actions),
+            defaults.emotion if defaults else None, defaults.action if defaults else None,
+            job.options.stop,
+        )
+
+    def finish(self, job: SayJob, result: GenerationResult, assembler: ReplyAssembler) -> dict[str, Any]:
+        """Validate the reply, record the turn, and build the reply frame (or raise a typed error)."""
+        if result.finish_reason == "cancelled":
+            raise DaemonError(ErrorCode.CANCELLED, "the request was cancelled", job.request_id)
+        spec = self._spec(job)
+        data, complete = assembler.reply()
+        problem = describe(validator_for(reply_schema(spec)), data) or first_error("npc_reply", data)
+        if problem:
+            raise DaemonError(ErrorCode.GENERATION_FAILED, f"model reply failed validation: {problem}",
+                              job.request_id)
+        reply = NpcReply.model_validate(data)
+        self.sessions.record(job.conn.game, job.npc_id, Turn(player=job.frame.input, state=job.frame.state, reply=reply))
+        now = time.monotonic()
+        started = job.started_at or now
+        gen_s = max(result.total_s - result.ttft_s, 1e-9)
+        finish = "stop" if complete or assembler.stopped_by_string else "length"
+        frame = Reply(
+            id=job.request_id, npc=job.npc_id, reply=reply, finish_reason=finish, adapter=job.adapter,
+            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                        cached_tokens=result.cached_tokens),
+            timings=Timings(
+                queue_ms=round((started - job.enqueued_at) * 1000, 3),
+                ttft_ms=round(result.ttft_s * 1000, 3),
+                total_ms=round((now - job.enqueued_at) * 1000, 3),
+                tokens_per_s=round(max(result.completion_tokens - 1, 0) / gen_s, 2),
+            ),
+        )
+        return dump_frame(frame)
+
+    def _spec(self, job: SayJob) -> NpcSpec:
+        session = self.sessions.get(job.conn.game, job.npc_id)
+        if session is None:
+            raise DaemonError(ErrorCode.UNKNOWN_NPC, f"NPC {job.npc_id!r} was removed", job.request_id)
+        return session.spec
+
+
+# --- one connection -------------------------------------------------------------------------------
+
+
+class ConnectionCore:
+    def __init__(self, daemon: DaemonCore, conn_id: int) -> None:
+        self.daemon = daemon
+        self.conn_id = conn_id
+        self.authenticated = False
+        self.game = "default"
+        self.pending: dict[str, SayJob] = {}
+
+    def receive(self, data: str | bytes) -> list[Action]:
+        """Handle one WebSocket message. Never raises for bad input: errors become error frames."""
+        request_id: str | None = None
+        try:
+            raw = self._decode(data)
+            request_id = _request_id(raw)
+            frame = self._validate(raw, request_id)
+            return self._route(frame)
+        except DaemonError as exc:
+            return [Send(error_frame(exc.code, exc.message, exc.request_id or request_id))]
+
+    def job_done(self, job: SayJob) -> None:
+        self.pending.pop(job.request_id, None)
+
+    def close(self) -> list[SayJob]:
+        """The socket is gone: every job of this connection must be cancelled."""
+        jobs = list(self.pending.values())
+        for job in jobs:
+            job.cancel.set()
+        self.pending.clear()
+        return jobs
+
+    # -- parsing
+
+    def _decode(self, data: str | bytes) -> Any:
+        limit = self.daemon.config.max_frame_bytes
+        size = len(data.encode("utf-8") if isinstance(data, str) else data)
+        if size > limit:
+            raise DaemonError(ErrorCode.FRAME_TOO_LARGE, f"frame is {size} bytes; the limit is {limit}")
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DaemonError(ErrorCode.BAD_JSON, f"frame is not JSON: {exc}") from None
+
+    def _validate(self, raw: Any, request_id: str | None) -> Frame:
+        if not isinstance(raw, dict):
+            raise DaemonError(ErrorCode.BAD_FRAME, "a frame must be a JSON object")
+        if raw.get("v") != PROTOCOL_VERSION:
+            raise DaemonError(ErrorCode.UNSUPPORTED_VERSION,
+                              f"frame version {raw.get('v')!r} is not supported; this daemon speaks v{PROTOCOL_VERSION}",
+                              request_id)
+        kind = raw.get("type")
+        if kind not in client_frame_types():
+            raise DaemonError(ErrorCode.UNKNOWN_TYPE,
+                              f"unknown frame type {kind!r}; expected one of {', '.join(client_frame_types())}",
+                              request_id)
+        problem = first_error(f"frames/{kind}", raw)
+        if problem:
+            raise DaemonError(ErrorCode.BAD_FRAME, f"invalid {kind} frame: {problem}", request_id)
+        try:
+            return _CLIENT_FRAME.validate_python(raw)
+        except ValidationError as exc:  # the schemas passed it, so this is model/schema drift
+            raise DaemonError(ErrorCode.INTERNAL, f"frame passed the schema but not the model: {exc}",
+                              request_id) from None
+
+    # -- routing
+
+    def _route(self, frame: Frame) -> list[Action]:
+        if isinstance(frame, Ping):
+            return [Send(dump_frame(Pong(id=frame.id)))]
+        if isinstance(frame, Hello):
+            return self._hello(frame)
+        if not self.authenticated:
+            raise DaemonError(ErrorCode.NOT_AUTHENTICATED, "send hello with the daemon's token first",
+                              getattr(frame, "id", None))
+        sessions = self.daemon.sessions
+        match frame:
+            case NpcDefine():
+                self._check_spec(frame.npc, frame.id)
+                session = sessions.define(self.game, frame.npc)
+                return [Send(dump_frame(NpcDefined(id=frame.id, npc=frame.npc.id,
+                                                   history_turns=len(session.history))))]
+            case NpcSay():
+                return self._say(frame)
+            case Cancel():
+                job = self.pending.get(frame.target)
+                if job is None:
+                    raise DaemonError(ErrorCode.UNKNOWN_REQUEST,
+                                      f"no queued or running request {frame.target!r} on this connection", frame.id)
+                job.cancel.set()
+                return [CancelJob(job), Send(dump_frame(Ok(id=frame.id)))]
+            case NpcReset():
+                if sessions.reset(self.game, frame.npc) is None:
+                    raise _unknown_npc(frame.npc, frame.id)
+                return [Send(dump_frame(Ok(id=frame.id)))]
+            case NpcStateGet():
+                session = sessions.get(self.game, frame.npc)
+                if session is None:
+                    raise _unknown_npc(frame.npc, frame.id)
+                return [Send(dump_frame(NpcStateFrame(id=frame.id, state=session.state())))]
+            case NpcStateSet():
+                self._check_spec(frame.state.npc, frame.id)
+                session = sessions.restore(self.game, frame.state)
+                return [Send(dump_frame(NpcStateFrame(id=frame.id, state=session.state())))]
+            case _:
+                return [Send(dump_frame(Adapters(id=frame.id, adapters=self.daemon.adapters())))]
+
+    def _hello(self, frame: Hello) -> list[Action]:
+        if not hmac.compare_digest(frame.token.encode(), self.daemon.token.encode()):
+            raise DaemonError(ErrorCode.UNAUTHORIZED,
+                              "wrong token; clients read it from the daemon's token file or ZYKE_TOKEN", frame.id)
+        if frame.protocol != PROTOCOL_VERSION:
+            raise DaemonError(ErrorCode.UNSUPPORTED_VERSION,
+                              f"client speaks protocol {frame.protocol}; this daemon speaks {PROTOCOL_VERSION}",
+                              frame.id)
+        self.authenticated = True
+        self.game = frame.game or "default"
+        cfg = self.daemon.config
+        return [Send(dump_frame(Welcome(
+            id=frame.id, protocol=PROTOCOL_VERSION, daemon_version=__version__, model=self.daemon.model,
+            backend=self.daemon.backend_name, capabilities=CAPABILITIES,
+            limits=Limits(max_frame_bytes=cfg.max_frame_bytes, max_queued_per_client=cfg.max_queued_per_client,
+                          request_timeout_s=cfg.request_timeout_s),
+        )))]
+
+    def _say(self, frame: NpcSay) -> list[Action]:
+        session = self.daemon.sessions.get(self.game, frame.npc)
+        if session is None:
+            raise _unknown_npc(frame.npc, frame.id)
+        if frame.id in self.pending:
+            raise DaemonError(ErrorCode.DUPLICATE_ID, f"request {frame.id!r} is already in flight", frame.id)
+        if len(self.pending) >= self.daemon.config.max_queued_per_client:
+            raise DaemonError(ErrorCode.QUEUE_FULL,
+                              f"{len(self.pending)} requests already in flight on this connection "
+                              f"(limit {self.daemon.config.max_queued_per_client}); wait for a reply", frame.id)
+        adapter = frame.adapter if frame.adapter is not None else session.spec.adapter
+        known = {a.name for a in self.daemon.adapters()}
+        if adapter is not None and adapter not in known:
+            raise DaemonError(ErrorCode.UNKNOWN_ADAPTER, f"no adapter named {adapter!r} is registered", frame.id)
+        defaults = session.spec.defaults.options if session.spec.defaults and session.spec.defaults.options else None
+        options = _merge_options(defaults, frame.options)
+        job = SayJob(request_id=frame.id, conn=self, frame=frame, enqueued_at=time.monotonic(),
+                     adapter=adapter, options=options)
+        self.pending[frame.id] = job
+        return [Submit(job)]
+
+    def _check_spec(self, spec: NpcSpec, request_id: str) -> None:
+        defaults = spec.defaults
+        if defaults and defaults.emotion and defaults.emotion not in spec.emotions:
+            raise DaemonError(ErrorCode.BAD_FRAME, f"default emotion {defaults.emotion!r} is not in emotions",
+                              request_id)
+        if defaults and defaults.action and defaults.action not in spec.actions:
+            raise DaemonError(ErrorCode.BAD_FRAME, f"default action {defaults.action!r} is not in actions",
+                              request_id)
+
+
+def error_frame(code: ErrorCode, message: str, request_id: str | None) -> dict[str, Any]:
+    return dump_frame(Error(id=request_id, code=code, message=message))
+
+
+def _unknown_npc(npc: str, request_id: str) -> DaemonError:
+    return DaemonError(ErrorCode.UNKNOWN_NPC, f"no NPC named {npc!r} is defined; send npc.define first", request_id)
+
+
+def _request_id(raw: Any) -> str | None:
+    rid = raw.get("id") if isinstance(raw, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 64 else None
+
+
+def _merge_options(base: GenerationOptions | None, override: GenerationOptions | None) -> GenerationOptions:
+    merged = (base.model_dump(exclude_none=True) if base else {}) | (
+        override.model_dump(exclude_none=True) if override else {})
+    return GenerationOptions.model_validate(merged)
+

@@ -1,0 +1,25 @@
+"""Stable, machine-readable error codes of the protocol (mirrors ``ErrorCode`` in schemas/common.json)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    BAD_JSON = "bad_json"
+    BAD_FRAME = "bad_frame"
+    UNKNOWN_TYPE = "unknown_type"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    FRAME_TOO_LARGE = "frame_too_large"
+    NOT_AUTHENTICATED = "not_authenticated"
+    UNAUTHORIZED = "unauthorized"
+    DUPLICATE_ID = "duplicate_id"
+    UNKNOWN_NPC = "unknown_npc"
+    UNKNOWN_ADAPTER = "unknown_adapter"
+    UNKNOWN_REQUEST = "unknown_request"
+    QUEUE_FULL = "queue_full"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    GENERATION_FAILED = "generation_failed"
+    MODEL_ERROR = "model_error"
+    INTERNAL = "internal"

@@ -1,0 +1,271 @@
+"""Pydantic models of the protocol frames.
+
+They mirror schemas/ field for field; tests/test_schemas.py fails on any drift. The schemas stay the
+source of truth (the daemon validates raw frames against them); these models give Python code typed
+access and build outgoing frames.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from .errors import ErrorCode
+
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+NpcId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+AdapterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerationOptions(_Model):
+    max_tokens: int | None = Field(None, ge=1, le=1024)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=1000)
+    seed: int | None = Field(None, ge=0, le=4294967295)
+    repeat_penalty: float | None = Field(None, ge=1, le=2)
+    stop: list[Annotated[str, StringConstraints(min_length=1, max_length=32)]] | None = Field(None, max_length=4)
+
+
+class NpcDefaults(_Model):
+    emotion: Label | None = None
+    action: Label | None = None
+    options: GenerationOptions | None = None
+
+
+class NpcSpec(_Model):
+    id: NpcId
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    persona: Annotated[str, StringConstraints(min_length=1, max_length=4000)]
+    actions: list[Label] = Field(min_length=1, max_length=64)
+    emotions: list[Label] = Field(min_length=1, max_length=64)
+    defaults: NpcDefaults | None = None
+    adapter: AdapterName | None = None
+    max_history: int | None = Field(None, ge=0, le=200)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
+
+
+class NpcReply(_Model):
+    say: str = Field(max_length=600)
+    emotion: Label
+    action: Label
+    target: Annotated[str, StringConstraints(max_length=64)] | None = None
+    args: dict[str, Any] | None = None
+
+
+class Usage(_Model):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    cached_tokens: int | None = Field(None, ge=0)
+
+
+class Timings(_Model):
+    queue_ms: float = Field(ge=0)
+    ttft_ms: float = Field(ge=0)
+    total_ms: float = Field(ge=0)
+    tokens_per_s: float | None = Field(None, ge=0)
+
+
+class Turn(_Model):
+    player: str = Field(max_length=4000)
+    state: dict[str, Any] | None = None
+    reply: NpcReply
+
+
+class NpcState(_Model):
+    v: Literal[1] = 1
+    npc: NpcSpec
+    history: list[Turn] = Field(default_factory=list, max_length=200)
+
+
+class AdapterInfo(_Model):
+    name: AdapterName
+    base: str | None = None
+    rank: int | None = Field(None, ge=1)
+    loaded: bool | None = None
+
+
+class ModelInfo(_Model):
+    name: str
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+    n_ctx: int | None = Field(None, ge=1)
+
+
+class ClientInfo(_Model):
+    name: Annotated[str, StringConstraints(max_length=64)]
+    version: Annotated[str, StringConstraints(max_length=32)] | None = None
+
+
+class Limits(_Model):
+    max_frame_bytes: int | None = None
+    max_queued_per_client: int | None = None
+    request_timeout_s: float | None = None
+
+
+# --- frames -----------------------------------------------------------------------------------
+
+
+class Frame(_Model):
+    v: Literal[1] = 1
+
+
+class Hello(Frame):
+    type: Literal["hello"] = "hello"
+    id: RequestId
+    token: Annotated[str, StringConstraints(max_length=256)]
+    protocol: int = Field(ge=1)
+    game: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    client: ClientInfo | None = None
+
+
+class NpcDefine(Frame):
+    type: Literal["npc.define"] = "npc.define"
+    id: RequestId
+    npc: NpcSpec
+
+
+class NpcSay(Frame):
+    type: Literal["npc.say"] = "npc.say"
+    id: RequestId
+    npc: NpcId
+    input: str = Field(max_length=4000)
+    state: dict[str, Any] | None = None
+    options: GenerationOptions | None = None
+    stream: bool | None = None
+    adapter: AdapterName | None = None
+
+
+class Cancel(Frame):
+    type: Literal["cancel"] = "cancel"
+    id: RequestId
+    target: RequestId
+
+
+class NpcReset(Frame):
+    type: Literal["npc.reset"] = "npc.reset"
+    id: RequestId
+    npc: NpcId
+
+
+class NpcStateGet(Frame):
+    type: Literal["npc.state.get"] = "npc.state.get"
+    id: RequestId
+    npc: NpcId
+
+
+class NpcStateSet(Frame):
+    type: Literal["npc.state.set"] = "npc.state.set"
+    id: RequestId
+    state: NpcState
+
+
+class AdapterList(Frame):
+    type: Literal["adapter.list"] = "adapter.list"
+    id: RequestId
+
+
+class Ping(Frame):
+    type: Literal["ping"] = "ping"
+    id: RequestId
+
+
+class Welcome(Frame):
+    type: Literal["welcome"] = "welcome"
+    id: RequestId
+    protocol: int = Field(ge=1)
+    daemon_version: str
+    model: ModelInfo
+    backend: str
+    capabilities: list[str]
+    limits: Limits | None = None
+
+
+class NpcDefined(Frame):
+    type: Literal["npc.defined"] = "npc.defined"
+    id: RequestId
+    npc: NpcId
+    history_turns: int = Field(ge=0)
+
+
+class ReplyDelta(Frame):
+    type: Literal["reply.delta"] = "reply.delta"
+    id: RequestId
+    npc: NpcId
+    text: str
+    index: int = Field(ge=0)
+
+
+class Reply(Frame):
+    type: Literal["reply"] = "reply"
+    id: RequestId
+    npc: NpcId
+    reply: NpcReply
+    finish_reason: Literal["stop", "length"]
+    adapter: AdapterName | None = None
+    usage: Usage
+    timings: Timings
+
+
+class NpcStateFrame(Frame):
+    type: Literal["npc.state"] = "npc.state"
+    id: RequestId
+    state: NpcState
+
+
+class Adapters(Frame):
+    type: Literal["adapters"] = "adapters"
+    id: RequestId
+    adapters: list[AdapterInfo]
+
+
+class Pong(Frame):
+    type: Literal["pong"] = "pong"
+    id: RequestId
+
+
+class Ok(Frame):
+    type: Literal["ok"] = "ok"
+    id: RequestId
+
+
+class Error(Frame):
+    type: Literal["error"] = "error"
+    id: RequestId | None
+    code: ErrorCode
+    message: str
+    details: dict[str, Any] | None = None
+
+
+ClientFrame = Annotated[
+    Hello | NpcDefine | NpcSay | Cancel | NpcReset | NpcStateGet | NpcStateSet | AdapterList | Ping,
+    Field(discriminator="type"),
+]
+ServerFrame = Annotated[
+    Welcome | NpcDefined | ReplyDelta | Reply | NpcStateFrame | Adapters | Pong | Ok | Error,
+    Field(discriminator="type"),
+]
+
+CLIENT_FRAMES: dict[str, type[Frame]] = {
+    m.model_fields["type"].default: m
+    for m in (Hello, NpcDefine, NpcSay, Cancel, NpcReset, NpcStateGet, NpcStateSet, AdapterList, Ping)
+}
+SERVER_FRAMES: dict[str, type[Frame]] = {
+    m.model_fields["type"].default: m
+    for m in (Welcome, NpcDefined, ReplyDelta, Reply, NpcStateFrame, Adapters, Pong, Ok, Error)
+}
+
+
+def dump_frame(frame: Frame) -> dict[str, Any]:
+    """The JSON-ready dict of a frame, leaving out unset optional fields as the schemas expect."""
+    return frame.model_dump(mode="json", exclude_none=True) | (
+        {"id": None} if isinstance(frame, Error) and frame.id is None else {}
+    )
