@@ -48,6 +48,7 @@ class DaemonProcess:
         return self.home / "daemon.log"
 
     def start(self, timeout: float = 180) -> DaemonProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
         runtime = self.home / "data" / "daemon.json"
         runtime.unlink(missing_ok=True)
         port = self.port or 0

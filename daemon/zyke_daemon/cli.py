@@ -12,10 +12,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import click
-
 from zyke.paths import data_dir, read_runtime
 
 from . import __version__
@@ -32,7 +32,8 @@ def cli() -> None:
 @cli.command()
 @click.option("--host", help="Address to bind (default 127.0.0.1; anything else exposes the daemon).")
 @click.option("--port", type=int, help="Port (default 7341; 0 picks a free one).")
-@click.option("--model", type=click.Path(dir_okay=False), help="A GGUF model file (default: the embedded Gemma 3 270M).")
+@click.option("--model", type=click.Path(dir_okay=False),
+              help="A GGUF model file (default: the embedded Gemma 3 270M).")
 @click.option("--backend", type=click.Choice(["auto", "llama.cpp"]), help="Model backend.")
 @click.option("--threads", "n_threads", type=int, help="CPU threads for llama.cpp.")
 @click.option("--allow-origin", "allowed_origins", multiple=True,
@@ -106,10 +107,10 @@ def _alive(pid: Any) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie child of ours still answers kill(0)
-        waited, _ = os.waitpid(pid, os.WNOHANG)
-        return waited == 0
-    except ChildProcessError:
+    try:  # an exited process not yet reaped by its parent (a zombie) still answers kill(0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return True
 
 

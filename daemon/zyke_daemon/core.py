@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
-
 from zyke.prompt_format import render_prompt, reply_schema
 from zyke.protocol import (
     PROTOCOL_VERSION,
@@ -53,7 +52,7 @@ from zyke.protocol import (
 from zyke.protocol.models import Cancel, Hello, Limits
 
 from . import __version__
-from .backends.base import GenerationRequest, GenerationResult
+from .backends.base import DEFAULT_REPEAT_PENALTY, GenerationRequest, GenerationResult
 from .config import DaemonConfig
 from .errors import DaemonError
 from .reply_stream import ReplyAssembler
@@ -62,7 +61,6 @@ from .validation import client_frame_types, describe, first_error, validator_for
 
 CAPABILITIES = ["stream", "constrained", "cancel", "npc.state", "adapters"]
 DEFAULT_MAX_TOKENS = 96
-DEFAULT_REPEAT_PENALTY = 1.15
 _CLIENT_FRAME: TypeAdapter[Any] = TypeAdapter(ClientFrame)
 
 
@@ -174,7 +172,8 @@ class DaemonCore:
             raise DaemonError(ErrorCode.GENERATION_FAILED, f"model reply failed validation: {problem}",
                               job.request_id)
         reply = NpcReply.model_validate(data)
-        self.sessions.record(job.conn.game, job.npc_id, Turn(player=job.frame.input, state=job.frame.state, reply=reply))
+        turn = Turn(player=job.frame.input, state=job.frame.state, reply=reply)
+        self.sessions.record(job.conn.game, job.npc_id, turn)
         now = time.monotonic()
         started = job.started_at or now
         gen_s = max(result.total_s - result.ttft_s, 1e-9)
@@ -249,7 +248,8 @@ class ConnectionCore:
             raise DaemonError(ErrorCode.BAD_FRAME, "a frame must be a JSON object")
         if raw.get("v") != PROTOCOL_VERSION:
             raise DaemonError(ErrorCode.UNSUPPORTED_VERSION,
-                              f"frame version {raw.get('v')!r} is not supported; this daemon speaks v{PROTOCOL_VERSION}",
+                              f"frame version {raw.get('v')!r} is not supported; "
+                              f"this daemon speaks v{PROTOCOL_VERSION}",
                               request_id)
         kind = raw.get("type")
         if kind not in client_frame_types():

@@ -42,6 +42,11 @@ class SayExtractor:
     def text(self) -> str:
         return self._emitted
 
+    @property
+    def closed(self) -> bool:
+        """The line's closing quote has been generated."""
+        return self._done
+
 
 def _string_body(rest: str) -> tuple[str, bool]:
     """The JSON string content up to its closing quote (or a safe cut point if it is still open)."""
@@ -53,8 +58,8 @@ def _string_body(rest: str) -> tuple[str, bool]:
                 return rest[:i], False
             if rest[i + 1] == "u" and i + 6 > len(rest):
                 return rest[:i], False
-            if rest[i + 1] == "u" and 0xD800 <= int(rest[i + 2 : i + 6], 16) <= 0xDBFF and i + 12 > len(rest):
-                return rest[:i], False  # a surrogate pair is decoded only once both halves are here
+            if rest[i + 1] == "u" and rest[i + 2 : i + 4].lower() in ("d8", "d9", "da", "db") and i + 12 > len(rest):
+                return rest[:i], False  # a surrogate pair (\ud8xx-\udbxx) is decoded once both halves are here
             i += 6 if rest[i + 1] == "u" else 2
             continue
         if ch == '"':
@@ -82,21 +87,32 @@ class ReplyAssembler:
         self._stop = stop or []
         self.stopped_by_string = False
         self._say_cut: str | None = None
+        self._sent = 0
 
     def feed(self, text: str) -> tuple[str, bool]:
-        """Add generated text; return (new spoken text, keep generating)."""
+        """Add generated text; return (new spoken text, keep generating).
+
+        With stop strings, text that could be the start of one is held back until it is clear it
+        is not, so a client never sees the half of a stop string it will not get in the reply.
+        """
         self._raw.append(text)
-        before = self._extractor.text
-        delta = self._extractor.feed(text)
-        if self._stop and delta:
-            said = self._extractor.text
-            hits = [i for i in (said.find(s, max(0, len(before) - len(s))) for s in self._stop) if i >= 0]
-            if hits:
-                cut = min(hits)
-                self._say_cut = said[:cut]
-                self.stopped_by_string = True
-                return self._say_cut[len(before):], False
-        return delta, True
+        self._extractor.feed(text)
+        said = self._extractor.text
+        if not self._stop:
+            return self._advance(len(said)), True
+        hits = [i for i in (said.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            self._say_cut = said[: min(hits)]
+            self.stopped_by_string = True
+            return self._advance(len(self._say_cut)), False
+        safe = len(said) if self._extractor.closed else len(said) - _pending_prefix(said, self._stop)
+        return self._advance(safe), True
+
+    def _advance(self, upto: int) -> str:
+        said = self._say_cut if self._say_cut is not None else self._extractor.text
+        delta = said[self._sent:upto] if upto > self._sent else ""
+        self._sent = max(self._sent, upto)
+        return delta
 
     @property
     def raw(self) -> str:
@@ -118,6 +134,14 @@ class ReplyAssembler:
             "emotion": _complete_value(tail, "emotion", self._emotions) or self._default_emotion,
             "action": _complete_value(tail, "action", self._actions) or self._default_action,
         }, False
+
+
+def _pending_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest end of text that is the beginning of a stop string."""
+    for n in range(min(len(text), max(len(s) for s in stops) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return n
+    return 0
 
 
 def _complete_value(raw: str, key: str, allowed: list[str]) -> str | None:

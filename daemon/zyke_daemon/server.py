@@ -23,7 +23,6 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-
 from zyke.paths import runtime_path
 from zyke.protocol import AdapterInfo, ErrorCode, ReplyDelta, dump_frame
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
-
 from zyke.protocol import NpcSpec, NpcState, Turn
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
-
 from zyke.protocol import SCHEMA_BASE, all_schemas, frame_types
 
 

@@ -11,6 +11,9 @@ from zyke.protocol import ModelInfo
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
+#: Like llama.cpp's default (1.1), a little stronger: greedy decoding of a 270M model loops otherwise.
+DEFAULT_REPEAT_PENALTY = 1.15
+
 
 @dataclass
 class GenerationRequest:
@@ -21,7 +24,7 @@ class GenerationRequest:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
-    repeat_penalty: float = 1.0
+    repeat_penalty: float = DEFAULT_REPEAT_PENALTY
     adapter: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ import llguidance
 import llguidance.llamacpp
 import numpy as np
 from llguidance import LLMatcher
-
 from zyke.prompt_format import ITEM_SEPARATOR, KEY_SEPARATOR
 from zyke.protocol import ModelInfo
 
@@ -62,7 +62,9 @@ class LlamaCppBackend:
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
         self._n_vocab = self.llm.n_vocab()
         self._eos = {self.llm.token_eos()} | _end_of_turn_tokens(self.llm)
-        self.tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(self._vocab)
+        with warnings.catch_warnings():  # it calls a deprecated llama.cpp getter once per token (262k times)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(self._vocab)
         self._bitmask = np.zeros((self._n_vocab + 31) // 32, dtype=np.int32)
         self._piece = ctypes.create_string_buffer(256)
 

@@ -35,7 +35,7 @@ from .protocol.models import NpcReply, NpcSpec, Turn
 ITEM_SEPARATOR = ", "
 KEY_SEPARATOR = ": "
 #: The longest spoken line the model may write (characters); the protocol allows 600.
-MAX_SAY_CHARS = 400
+MAX_SAY_CHARS = 300
 #: Ends a completion in training data; the daemon stops there too.
 END_OF_REPLY = "\n"
 

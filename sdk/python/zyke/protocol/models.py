@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from .errors import ErrorCode
 
@@ -17,6 +17,15 @@ RequestId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 NpcId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
 AdapterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+def _unique(items: list[str]) -> list[str]:
+    if len(set(items)) != len(items):
+        raise ValueError("items must be unique")
+    return items
+
+
+UniqueLabels = Annotated[list[Label], AfterValidator(_unique)]
 
 
 class _Model(BaseModel):
@@ -43,8 +52,8 @@ class NpcSpec(_Model):
     id: NpcId
     name: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     persona: Annotated[str, StringConstraints(min_length=1, max_length=4000)]
-    actions: list[Label] = Field(min_length=1, max_length=64)
-    emotions: list[Label] = Field(min_length=1, max_length=64)
+    actions: UniqueLabels = Field(min_length=1, max_length=64)
+    emotions: UniqueLabels = Field(min_length=1, max_length=64)
     defaults: NpcDefaults | None = None
     adapter: AdapterName | None = None
     max_history: int | None = Field(None, ge=0, le=200)
@@ -84,7 +93,7 @@ class Turn(_Model):
 class NpcState(_Model):
     v: Literal[1] = 1
     npc: NpcSpec
-    history: list[Turn] = Field(default_factory=list, max_length=200)
+    history: list[Turn] = Field(max_length=200)
 
 
 class AdapterInfo(_Model):

@@ -1,0 +1,233 @@
+"""The sans-I/O core, driven by plain method calls: no socket, no model, no event loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from zyke.protocol import ErrorCode, ModelInfo
+from zyke_daemon.backends.base import GenerationResult
+from zyke_daemon.config import DaemonConfig
+from zyke_daemon.core import CancelJob, ConnectionCore, DaemonCore, Send, Submit
+from zyke_daemon.errors import DaemonError
+from zyke_daemon.sessions import SessionStore
+from zyke_daemon.validation import first_error
+
+TOKEN = "secret"
+BROM = {"id": "brom", "name": "Brom", "persona": "A grumpy dwarf smith.", "actions": ["none", "repair"],
+        "emotions": ["neutral", "angry"], "defaults": {"emotion": "neutral", "action": "none"}}
+
+
+def make_daemon(tmp_path: Path, **cfg: Any) -> DaemonCore:
+    return DaemonCore(DaemonConfig(**cfg), SessionStore(tmp_path / "npcs"), TOKEN,
+                      ModelInfo(name="test.gguf"), "test")
+
+
+def send(conn: ConnectionCore, frame: Any) -> list[Any]:
+    return conn.receive(frame if isinstance(frame, str | bytes) else json.dumps(frame))
+
+
+def frames(actions: list[Any]) -> list[dict[str, Any]]:
+    out = [a.frame for a in actions if isinstance(a, Send)]
+    for f in out:
+        assert first_error("server", f) is None, f
+    return out
+
+
+def hello(conn: ConnectionCore, **extra: Any) -> None:
+    [welcome] = frames(send(conn, {"v": 1, "type": "hello", "id": "h", "token": TOKEN, "protocol": 1, **extra}))
+    assert welcome["type"] == "welcome"
+
+
+def error_code(actions: list[Any]) -> str:
+    [frame] = frames(actions)
+    assert frame["type"] == "error", frame
+    return frame["code"]
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> ConnectionCore:
+    c = make_daemon(tmp_path).connect()
+    hello(c)
+    return c
+
+
+def test_ping_works_before_hello_but_nothing_else_does(tmp_path: Path) -> None:
+    c = make_daemon(tmp_path).connect()
+    assert frames(send(c, {"v": 1, "type": "ping", "id": "p"})) == [{"v": 1, "type": "pong", "id": "p"}]
+    assert error_code(send(c, {"v": 1, "type": "npc.define", "id": "d", "npc": BROM})) == "not_authenticated"
+
+
+def test_wrong_token_is_refused_and_the_connection_can_retry(tmp_path: Path) -> None:
+    c = make_daemon(tmp_path).connect()
+    actions = send(c, {"v": 1, "type": "hello", "id": "h", "token": "nope", "protocol": 1})
+    assert error_code(actions) == "unauthorized"
+    assert frames(actions)[0]["id"] == "h"
+    hello(c)
+
+
+@pytest.mark.parametrize(("raw", "code", "rid"), [
+    ("{not json", "bad_json", None),
+    (b"\xff\xfe", "bad_json", None),
+    ("[1, 2]", "bad_frame", None),
+    ({"v": 2, "type": "ping", "id": "a"}, "unsupported_version", "a"),
+    ({"v": 1, "type": "npc.dance", "id": "b"}, "unknown_type", "b"),
+    ({"v": 1, "type": "npc.say", "id": "c", "npc": "brom"}, "bad_frame", "c"),
+    ({"v": 1, "type": "npc.say", "id": "d", "npc": "ghost", "input": "hi"}, "unknown_npc", "d"),
+    ({"v": 1, "type": "cancel", "id": "e", "target": "nothing"}, "unknown_request", "e"),
+    ({"v": 1, "type": "npc.reset", "id": "f", "npc": "ghost"}, "unknown_npc", "f"),
+    ({"v": 1, "type": "npc.state.get", "id": "g", "npc": "ghost"}, "unknown_npc", "g"),
+    ({"v": 1, "type": "hello", "id": "h2", "token": TOKEN, "protocol": 7}, "unsupported_version", "h2"),
+])
+def test_bad_input_gets_its_code_and_the_request_id(conn: ConnectionCore, raw: Any, code: str,
+                                                    rid: str | None) -> None:
+    actions = send(conn, raw)
+    assert error_code(actions) == code
+    assert frames(actions)[0]["id"] == rid
+    assert frames(send(conn, {"v": 1, "type": "ping", "id": "still"}))[0]["type"] == "pong"
+
+
+def test_oversize_frame_is_refused_without_parsing(tmp_path: Path) -> None:
+    c = make_daemon(tmp_path, max_frame_bytes=100).connect()
+    assert error_code(send(c, {"v": 1, "type": "ping", "id": "x" * 200})) == "frame_too_large"
+
+
+def test_define_rejects_defaults_outside_the_enums(conn: ConnectionCore) -> None:
+    npc = {**BROM, "defaults": {"action": "fly"}}
+    assert error_code(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": npc})) == "bad_frame"
+
+
+def test_say_queues_a_job_with_merged_options(conn: ConnectionCore) -> None:
+    npc = {**BROM, "defaults": {"options": {"max_tokens": 20, "temperature": 0.5}}}
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": npc}))
+    [submit] = send(conn, {"v": 1, "type": "npc.say", "id": "s", "npc": "brom", "input": "hi",
+                           "options": {"temperature": 0.9, "seed": 3}})
+    assert isinstance(submit, Submit)
+    assert submit.job.options.model_dump(exclude_none=True) == {"max_tokens": 20, "temperature": 0.9, "seed": 3}
+    assert error_code(send(conn, {"v": 1, "type": "npc.say", "id": "s", "npc": "brom", "input": "again"})) \
+        == "duplicate_id"
+
+
+def test_queue_cap_per_connection(tmp_path: Path) -> None:
+    c = make_daemon(tmp_path, max_queued_per_client=2).connect()
+    hello(c)
+    frames(send(c, {"v": 1, "type": "npc.define", "id": "d", "npc": BROM}))
+    for i in range(2):
+        assert isinstance(send(c, {"v": 1, "type": "npc.say", "id": f"s{i}", "npc": "brom", "input": "hi"})[0], Submit)
+    assert error_code(send(c, {"v": 1, "type": "npc.say", "id": "s9", "npc": "brom", "input": "hi"})) == "queue_full"
+
+
+def test_unknown_adapter_is_refused(conn: ConnectionCore) -> None:
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": BROM}))
+    actions = send(conn, {"v": 1, "type": "npc.say", "id": "s", "npc": "brom", "input": "hi", "adapter": "nope"})
+    assert error_code(actions) == "unknown_adapter"
+
+
+def test_cancel_sets_the_jobs_event_and_acks(conn: ConnectionCore) -> None:
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": BROM}))
+    [submit] = send(conn, {"v": 1, "type": "npc.say", "id": "s", "npc": "brom", "input": "hi"})
+    cancel_job, ack = send(conn, {"v": 1, "type": "cancel", "id": "c", "target": "s"})
+    assert isinstance(cancel_job, CancelJob) and cancel_job.job is submit.job
+    assert submit.job.cancel.is_set()
+    assert ack.frame == {"v": 1, "type": "ok", "id": "c"}
+
+
+def test_close_cancels_everything_in_flight(conn: ConnectionCore) -> None:
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": BROM}))
+    jobs = [send(conn, {"v": 1, "type": "npc.say", "id": f"s{i}", "npc": "brom", "input": "hi"})[0].job
+            for i in range(3)]
+    assert conn.close() == jobs
+    assert all(job.cancel.is_set() for job in jobs)
+
+
+def _finish(daemon: DaemonCore, conn: ConnectionCore, text: str, rid: str = "s", **say: Any) -> dict[str, Any]:
+    [submit] = send(conn, {"v": 1, "type": "npc.say", "id": rid, "npc": "brom", "input": "Fix this?", **say})
+    request = daemon.prepare(submit.job, count_tokens=lambda s: len(s.split()), n_ctx=4096)
+    assembler = daemon.assembler(submit.job)
+    for ch in text:
+        assembler.feed(ch)
+    result = GenerationResult(text=text, finish_reason="stop", prompt_tokens=10, completion_tokens=5)
+    frame = daemon.finish(submit.job, result, assembler)
+    conn.job_done(submit.job)
+    assert request.schema["properties"]["action"]["enum"] == ["none", "repair"]
+    return frame
+
+
+def test_finish_records_the_turn_and_persists_it(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    conn = daemon.connect()
+    hello(conn, game="tavern")
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": BROM}))
+    frame = _finish(daemon, conn, '{"say": "Aye.", "emotion": "angry", "action": "repair"}', state={"gold": 3})
+    assert first_error("frames/reply", frame) is None
+    assert frame["reply"] == {"say": "Aye.", "emotion": "angry", "action": "repair"}
+    saved = json.loads((tmp_path / "npcs" / "tavern" / "brom.json").read_text())
+    assert saved["history"] == [{"player": "Fix this?", "state": {"gold": 3}, "reply": frame["reply"]}]
+    # a new daemon on the same directory sees the conversation
+    again = make_daemon(tmp_path).connect()
+    hello(again, game="tavern")
+    [state] = frames(send(again, {"v": 1, "type": "npc.state.get", "id": "g", "npc": "brom"}))
+    assert state["state"]["history"][0]["reply"]["say"] == "Aye."
+
+
+def test_truncated_generation_still_gives_a_valid_reply(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    conn = daemon.connect()
+    hello(conn)
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": BROM}))
+    frame = _finish(daemon, conn, '{"say": "I will fix it when the')
+    assert frame["finish_reason"] == "length"
+    assert frame["reply"] == {"say": "I will fix it when the", "emotion": "neutral", "action": "none"}
+
+
+def test_a_reply_outside_the_enums_is_refused(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    conn = daemon.connect()
+    hello(conn)
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": BROM}))
+    with pytest.raises(DaemonError) as err:
+        _finish(daemon, conn, '{"say": "Hi", "emotion": "angry", "action": "fly"}')
+    assert err.value.code == ErrorCode.GENERATION_FAILED
+
+
+def test_state_set_then_get_round_trips_and_reset_clears(conn: ConnectionCore) -> None:
+    state = {"v": 1, "npc": BROM, "history": [
+        {"player": "Hello", "reply": {"say": "Hmph.", "emotion": "neutral", "action": "none"}}]}
+    [out] = frames(send(conn, {"v": 1, "type": "npc.state.set", "id": "s", "state": state}))
+    assert out["state"] == state
+    [got] = frames(send(conn, {"v": 1, "type": "npc.state.get", "id": "g", "npc": "brom"}))
+    assert got["state"] == state
+    assert frames(send(conn, {"v": 1, "type": "npc.reset", "id": "r", "npc": "brom"}))[0]["type"] == "ok"
+    [got] = frames(send(conn, {"v": 1, "type": "npc.state.get", "id": "g2", "npc": "brom"}))
+    assert got["state"]["history"] == []
+
+
+def test_redefining_keeps_history_but_trims_to_max_history(conn: ConnectionCore) -> None:
+    turn = {"player": "Hello", "reply": {"say": "Hmph.", "emotion": "neutral", "action": "none"}}
+    frames(send(conn, {"v": 1, "type": "npc.state.set", "id": "s", "state": {"v": 1, "npc": BROM,
+                                                                             "history": [turn] * 5}}))
+    [defined] = frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": {**BROM, "max_history": 2}}))
+    assert defined["history_turns"] == 2
+
+
+def test_games_are_separate_namespaces(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    a, b = daemon.connect(), daemon.connect()
+    hello(a, game="one")
+    hello(b, game="two")
+    frames(send(a, {"v": 1, "type": "npc.define", "id": "d", "npc": BROM}))
+    assert error_code(send(b, {"v": 1, "type": "npc.state.get", "id": "g", "npc": "brom"})) == "unknown_npc"
+
+
+def test_prompt_drops_oldest_turns_to_fit_the_context(conn: ConnectionCore) -> None:
+    turn = {"player": "word " * 50, "reply": {"say": "ok", "emotion": "neutral", "action": "none"}}
+    frames(send(conn, {"v": 1, "type": "npc.state.set", "id": "s", "state": {"v": 1, "npc": BROM,
+                                                                             "history": [turn] * 10}}))
+    [submit] = send(conn, {"v": 1, "type": "npc.say", "id": "q", "npc": "brom", "input": "last",
+                           "options": {"max_tokens": 50}})
+    request = conn.daemon.prepare(submit.job, count_tokens=lambda s: len(s.split()), n_ctx=300)
+    assert len(request.prompt.split()) <= 300 - 50
+    assert request.prompt.count("Player:") < 11
+    assert request.prompt.rstrip().endswith("Brom:")
