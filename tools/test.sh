@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for the test suite and run all of it (slow tests included).
+# This is the README's test command and what CI (.ci/run) runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# llama-cpp-python builds from source the first time (about 7 minutes on 2 cores); pip caches the wheel.
+.venv/bin/python -m pip install --quiet -e '.[dev]'
+
+# The Unity bridge's end-to-end test compiles and runs C# with Mono (Debian's mono-devel).
+if ! command -v mcs >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing mono-devel for the Unity bridge test..."
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mono-devel >/dev/null
+fi
+
+.venv/bin/ruff check .
+exec .venv/bin/pytest -q "$@"
