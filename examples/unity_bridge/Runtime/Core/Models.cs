@@ -1,0 +1,246 @@
+using System.Collections.Generic;
+
+namespace Zyke
+{
+    /// <summary>Sampling settings (protocol GenerationOptions); null fields are left to the daemon.</summary>
+    public sealed class GenerationOptions : IJsonWritable
+    {
+        public int? MaxTokens;
+        public double? Temperature;
+        public double? TopP;
+        public int? TopK;
+        public long? Seed;
+        public double? RepeatPenalty;
+        public List<string> Stop;
+
+        public object ToJson()
+        {
+            var o = new Dictionary<string, object>();
+            if (MaxTokens.HasValue) o["max_tokens"] = MaxTokens.Value;
+            if (Temperature.HasValue) o["temperature"] = Temperature.Value;
+            if (TopP.HasValue) o["top_p"] = TopP.Value;
+            if (TopK.HasValue) o["top_k"] = TopK.Value;
+            if (Seed.HasValue) o["seed"] = Seed.Value;
+            if (RepeatPenalty.HasValue) o["repeat_penalty"] = RepeatPenalty.Value;
+            if (Stop != null) o["stop"] = Stop;
+            return o;
+        }
+    }
+
+    /// <summary>An NPC definition (protocol NpcSpec).</summary>
+    public sealed class NpcSpec : IJsonWritable
+    {
+        public string Id;
+        public string Name;
+        public string Persona;
+        public List<string> Actions = new List<string>();
+        public List<string> Emotions = new List<string>();
+        public string DefaultEmotion;
+        public string DefaultAction;
+        public GenerationOptions DefaultOptions;
+        public string Adapter;
+        public int? MaxHistory;
+
+        public NpcSpec() { }
+
+        public NpcSpec(string id, string persona, IEnumerable<string> actions, IEnumerable<string> emotions)
+        {
+            Id = id;
+            Persona = persona;
+            Actions = new List<string>(actions);
+            Emotions = new List<string>(emotions);
+        }
+
+        public object ToJson()
+        {
+            var o = new Dictionary<string, object>
+            {
+                { "id", Id }, { "persona", Persona }, { "actions", Actions }, { "emotions", Emotions },
+            };
+            if (Name != null) o["name"] = Name;
+            if (MaxHistory.HasValue) o["max_history"] = MaxHistory.Value;
+            if (Adapter != null) o["adapter"] = Adapter;
+            if (DefaultEmotion != null || DefaultAction != null || DefaultOptions != null)
+            {
+                var d = new Dictionary<string, object>();
+                if (DefaultEmotion != null) d["emotion"] = DefaultEmotion;
+                if (DefaultAction != null) d["action"] = DefaultAction;
+                if (DefaultOptions != null) d["options"] = DefaultOptions;
+                o["defaults"] = d;
+            }
+            return o;
+        }
+
+        public static NpcSpec FromJson(Dictionary<string, object> o)
+        {
+            var spec = new NpcSpec
+            {
+                Id = JsonRead.Str(o, "id"),
+                Name = JsonRead.Str(o, "name"),
+                Persona = JsonRead.Str(o, "persona"),
+                Actions = JsonRead.Strings(o, "actions"),
+                Emotions = JsonRead.Strings(o, "emotions"),
+                Adapter = JsonRead.Str(o, "adapter"),
+            };
+            if (o.ContainsKey("max_history")) spec.MaxHistory = (int)JsonRead.Long(o, "max_history");
+            var d = JsonRead.Obj(o, "defaults");
+            if (d != null)
+            {
+                spec.DefaultEmotion = JsonRead.Str(d, "emotion");
+                spec.DefaultAction = JsonRead.Str(d, "action");
+                var opts = JsonRead.Obj(d, "options");
+                if (opts != null)
+                {
+                    spec.DefaultOptions = new GenerationOptions
+                    {
+                        MaxTokens = opts.ContainsKey("max_tokens") ? (int?)JsonRead.Long(opts, "max_tokens") : null,
+                        Temperature = JsonRead.Num(opts, "temperature"),
+                        TopP = JsonRead.Num(opts, "top_p"),
+                        TopK = opts.ContainsKey("top_k") ? (int?)JsonRead.Long(opts, "top_k") : null,
+                        Seed = opts.ContainsKey("seed") ? (long?)JsonRead.Long(opts, "seed") : null,
+                        RepeatPenalty = JsonRead.Num(opts, "repeat_penalty"),
+                        Stop = opts.ContainsKey("stop") ? JsonRead.Strings(opts, "stop") : null,
+                    };
+                }
+            }
+            return spec;
+        }
+    }
+
+    /// <summary>What an NPC says and does (npc_reply.json).</summary>
+    public sealed class NpcReply
+    {
+        public string Say;
+        public string Emotion;
+        public string Action;
+        /// <summary>Who or what the action is aimed at, or null.</summary>
+        public string Target;
+        /// <summary>Free-form action arguments, or null.</summary>
+        public Dictionary<string, object> Args;
+        /// <summary>The reply object as the daemon sent it.</summary>
+        public Dictionary<string, object> Raw;
+
+        public static NpcReply FromJson(Dictionary<string, object> o)
+        {
+            return new NpcReply
+            {
+                Say = JsonRead.Str(o, "say", ""),
+                Emotion = JsonRead.Str(o, "emotion", ""),
+                Action = JsonRead.Str(o, "action", ""),
+                Target = JsonRead.Str(o, "target"),
+                Args = JsonRead.Obj(o, "args"),
+                Raw = o,
+            };
+        }
+    }
+
+    public sealed class Usage
+    {
+        public int PromptTokens;
+        public int CompletionTokens;
+        public int? CachedTokens;
+
+        public static Usage FromJson(Dictionary<string, object> o)
+        {
+            return new Usage
+            {
+                PromptTokens = (int)JsonRead.Long(o, "prompt_tokens"),
+                CompletionTokens = (int)JsonRead.Long(o, "completion_tokens"),
+                CachedTokens = o != null && o.ContainsKey("cached_tokens") ? (int?)JsonRead.Long(o, "cached_tokens") : null,
+            };
+        }
+    }
+
+    public sealed class Timings
+    {
+        public double QueueMs;
+        public double TtftMs;
+        public double TotalMs;
+        public double? TokensPerS;
+
+        public static Timings FromJson(Dictionary<string, object> o)
+        {
+            return new Timings
+            {
+                QueueMs = JsonRead.Num(o, "queue_ms") ?? 0,
+                TtftMs = JsonRead.Num(o, "ttft_ms") ?? 0,
+                TotalMs = JsonRead.Num(o, "total_ms") ?? 0,
+                TokensPerS = JsonRead.Num(o, "tokens_per_s"),
+            };
+        }
+    }
+
+    /// <summary>The answer to a say: the reply plus how it was produced.</summary>
+    public sealed class SayResult
+    {
+        public string RequestId;
+        public string NpcId;
+        public NpcReply Reply;
+        /// <summary>"stop" or "length" (ProtocolConstants.FinishReasons).</summary>
+        public string FinishReason;
+        public string Adapter;
+        public Usage Usage;
+        public Timings Timings;
+
+        public static SayResult FromFrame(Dictionary<string, object> f)
+        {
+            return new SayResult
+            {
+                RequestId = JsonRead.Str(f, "id"),
+                NpcId = JsonRead.Str(f, "npc"),
+                Reply = NpcReply.FromJson(JsonRead.Obj(f, "reply") ?? new Dictionary<string, object>()),
+                FinishReason = JsonRead.Str(f, "finish_reason"),
+                Adapter = JsonRead.Str(f, "adapter"),
+                Usage = Usage.FromJson(JsonRead.Obj(f, "usage")),
+                Timings = Timings.FromJson(JsonRead.Obj(f, "timings")),
+            };
+        }
+    }
+
+    /// <summary>Options of one say.</summary>
+    public sealed class SayRequest
+    {
+        public string NpcId;
+        public string Input;
+        /// <summary>Free-form game state the NPC may react to; serialized with Json.</summary>
+        public IDictionary<string, object> State;
+        public GenerationOptions Options;
+        public string Adapter;
+        /// <summary>Request id to use (ZykeClient.NewRequestId()); one is made when null.</summary>
+        public string RequestId;
+        /// <summary>Called with each piece of the spoken line (streams when set); runs on the client's receive thread.</summary>
+        public System.Action<string> OnDelta;
+    }
+
+    /// <summary>The daemon's welcome: who answered and what it can do.</summary>
+    public sealed class WelcomeInfo
+    {
+        public int Protocol;
+        public string DaemonVersion;
+        public string ModelName;
+        public string Backend;
+        public List<string> Capabilities;
+        public Dictionary<string, object> Raw;
+
+        public static WelcomeInfo FromFrame(Dictionary<string, object> f)
+        {
+            return new WelcomeInfo
+            {
+                Protocol = (int)JsonRead.Long(f, "protocol"),
+                DaemonVersion = JsonRead.Str(f, "daemon_version"),
+                ModelName = JsonRead.Str(JsonRead.Obj(f, "model"), "name"),
+                Backend = JsonRead.Str(f, "backend"),
+                Capabilities = JsonRead.Strings(f, "capabilities"),
+                Raw = f,
+            };
+        }
+    }
+
+    public sealed class AdapterInfo
+    {
+        public string Name;
+        public string Base;
+        public int? Rank;
+        public bool Loaded;
+    }
+}
