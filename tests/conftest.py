@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from daemon_proc import DaemonProcess
+from zyke import Client
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +23,15 @@ def fresh_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     proc = DaemonProcess(tmp_path / "home").start()
     yield proc
     proc.stop()
+
+
+def game_name(request: pytest.FixtureRequest) -> str:
+    """A daemon-side game namespace of a test's own, so tests sharing the session daemon never share NPCs."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[-64:]
+
+
+@pytest.fixture
+def client(daemon: DaemonProcess, request: pytest.FixtureRequest) -> Iterator[Client]:
+    """A sync SDK client on the shared daemon, in a game namespace of the test's own."""
+    with Client(daemon.url, daemon.token, game=game_name(request)) as c:
+        yield c

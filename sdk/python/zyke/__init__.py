@@ -1,0 +1,70 @@
+"""Zyke: NPCs that talk, served by a local daemon. This package is the light Python client SDK.
+
+    from zyke import Client
+    client = Client()
+    brom = client.npc("brom", persona="A grumpy dwarf blacksmith.", actions=["none", "repair"])
+    print(brom.say("Can you fix my sword?").say)
+
+Only websockets, pydantic and platformdirs are imported: no model runtime, no numpy.
+"""
+
+__version__ = "0.1.0"
+
+from .aio import AsyncClient, AsyncNpc, AsyncReplyStream
+from .client import Client, Npc, ReplyStream
+from .errors import (
+    AuthenticationError,
+    Cancelled,
+    ConnectionLost,
+    DaemonNotRunning,
+    GenerationFailed,
+    ProtocolError,
+    QueueFull,
+    UnknownAdapter,
+    UnknownNpc,
+    ZykeError,
+    ZykeTimeout,
+)
+from .protocol import (
+    AdapterInfo,
+    ErrorCode,
+    GenerationOptions,
+    NpcReply,
+    NpcSpec,
+    NpcState,
+    Timings,
+    Turn,
+    Usage,
+)
+from .response import NpcResponse
+
+__all__ = [
+    "AdapterInfo",
+    "AsyncClient",
+    "AsyncNpc",
+    "AsyncReplyStream",
+    "AuthenticationError",
+    "Cancelled",
+    "Client",
+    "ConnectionLost",
+    "DaemonNotRunning",
+    "ErrorCode",
+    "GenerationFailed",
+    "GenerationOptions",
+    "Npc",
+    "NpcReply",
+    "NpcResponse",
+    "NpcSpec",
+    "NpcState",
+    "ProtocolError",
+    "QueueFull",
+    "ReplyStream",
+    "Timings",
+    "Turn",
+    "UnknownAdapter",
+    "UnknownNpc",
+    "Usage",
+    "ZykeError",
+    "ZykeTimeout",
+    "__version__",
+]

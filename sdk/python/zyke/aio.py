@@ -1,0 +1,780 @@
+"""The asyncio client: one WebSocket to the daemon, many requests multiplexed on it by id.
+
+One reader task per connection routes every frame the daemon sends to the queue of the request
+whose id it carries, so any number of NPC lines can be in flight at once and a slow reply never
+blocks a fast one. The synchronous ``zyke.Client`` runs this same code on a background thread.
+
+Reconnecting is lazy: when the socket drops, requests in flight fail with ``ConnectionLost`` (a say
+is never retried behind the game's back, since the daemon may have recorded the turn), and the next
+call opens a new connection, says hello again and re-defines every NPC this client defined. The
+daemon keeps NPC history on disk and ``npc.define`` keeps it, so a restarted daemon resumes the
+conversation where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from pydantic import ValidationError
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from .autostart import LocalDaemon
+from .errors import (
+    START_HINT,
+    AuthenticationError,
+    ConnectionLost,
+    DaemonNotRunning,
+    ProtocolError,
+    ZykeError,
+    ZykeTimeout,
+    error_for_code,
+)
+from .paths import default_url, read_token, token_path
+from .protocol import (
+    PROTOCOL_VERSION,
+    SERVER_FRAMES,
+    AdapterInfo,
+    AdapterList,
+    Adapters,
+    Cancel,
+    Error,
+    Frame,
+    GenerationOptions,
+    Hello,
+    NpcDefaults,
+    NpcDefine,
+    NpcDefined,
+    NpcReset,
+    NpcSay,
+    NpcSpec,
+    NpcState,
+    NpcStateFrame,
+    NpcStateGet,
+    NpcStateSet,
+    Ok,
+    Ping,
+    Pong,
+    Reply,
+    ReplyDelta,
+    Welcome,
+    dump_frame,
+)
+from .protocol.models import ClientInfo
+from .response import NpcResponse, OptionsLike, build_options
+
+log = logging.getLogger("zyke")
+
+#: Frames up to this size are accepted from the daemon (its replies are far smaller).
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = 30.0
+DEFAULT_RECONNECT_WINDOW = 10.0
+
+
+class _Unset:
+    """Marks "use the client's default" where ``None`` already means "no timeout"."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Any = _Unset()
+Timeout = float | None | _Unset
+_Item = Frame | BaseException
+_Request = NpcDefine | NpcStateGet | NpcStateSet | NpcReset | AdapterList | Ping | Cancel
+F = TypeVar("F", bound=Frame)
+
+
+_NOT_SENT_MESSAGE = "the connection to the daemon dropped before the request was sent"
+
+
+class _NotSent(Exception):
+    """The socket was already closed when we tried to send: the daemon never saw the frame."""
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One open, authenticated WebSocket and the requests waiting on it."""
+
+    ws: ClientConnection
+    welcome: Welcome
+    loop: asyncio.AbstractEventLoop
+    pending: dict[str, asyncio.Queue[_Item]] = field(default_factory=dict)
+    abandoned: set[str] = field(default_factory=set)  # cancelled by us: their late answers are expected
+    reader: asyncio.Task[None] | None = None
+    alive: bool = True
+
+    def register(self, request_id: str) -> asyncio.Queue[_Item]:
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.pending[request_id] = queue
+        return queue
+
+    async def send(self, frame: Frame) -> None:
+        if not self.alive:
+            raise _NotSent
+        try:
+            await self.ws.send(json.dumps(dump_frame(frame), ensure_ascii=False))
+        except ConnectionClosed:
+            self.alive = False
+            raise _NotSent from None
+
+    def fail_all(self, exc: BaseException) -> None:
+        self.alive = False
+        for queue in self.pending.values():
+            queue.put_nowait(exc)
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+
+class AsyncClient:
+    """Talk to the local Zyke daemon from asyncio code.
+
+    With no arguments it finds the daemon by itself: ``ZYKE_URL`` or the daemon's runtime file for the
+    address, ``ZYKE_TOKEN`` or the token file for the token (both re-read on every reconnect, so a
+    daemon restarted on another port is found again). ``url``/``token`` override that.
+
+    ``timeout`` is the default number of seconds a request may take once sent (``None``: wait as long
+    as the daemon does); every call can override it. ``connect_timeout`` bounds opening the socket and
+    the hello handshake (which waits while the daemon loads its model). ``reconnect_window`` is how
+    long a call keeps retrying, with backoff, to reach a daemon it was connected to before.
+    ``game`` namespaces NPC ids and saved sessions on the daemon. ``autostart=True`` starts a local
+    daemon when none answers and stops it on close.
+
+    Use it as ``async with AsyncClient() as client:`` or call ``aclose()``. An instance belongs to the
+    event loop that first uses it.
+    """
+
+    def __init__(self, url: str | None = None, token: str | None = None, *, game: str | None = None,
+                 timeout: float | None = DEFAULT_TIMEOUT, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 reconnect_window: float = DEFAULT_RECONNECT_WINDOW, autostart: bool = False,
+                 autostart_timeout: float = 180.0, client_name: str = "zyke-python") -> None:
+        self._url = url
+        self._token = token
+        self.game = game
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.reconnect_window = reconnect_window
+        self.autostart = autostart
+        self.autostart_timeout = autostart_timeout
+        self.client_name = client_name
+        self._conn: _Conn | None = None
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._ids = itertools.count(1)
+        self._npcs: dict[str, NpcSpec] = {}
+        self._ever_connected = False
+        self._closed = False
+        self._daemon: LocalDaemon | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- public surface
+
+    @property
+    def url(self) -> str:
+        """The daemon's address this client uses now (explicit, autostarted, or discovered)."""
+        if self._url:
+            return self._url
+        if self._daemon is not None:
+            return self._daemon.url
+        return default_url()
+
+    @property
+    def daemon_info(self) -> Welcome | None:
+        """The daemon's ``welcome`` (version, model, limits) of the current connection, if connected."""
+        return self._conn.welcome if self._conn is not None and self._conn.alive else None
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and self._conn.alive
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def connect(self) -> Welcome:
+        """Connect now (calls connect lazily anyway); returns the daemon's welcome."""
+        return (await self._ensure_connected()).welcome
+
+    async def npc(self, npc_id: str, persona: str, actions: Sequence[str] = ("none",),
+                  emotions: Sequence[str] = ("neutral",), *, name: str | None = None,
+                  adapter: str | None = None, max_history: int | None = None,
+                  default_emotion: str | None = None, default_action: str | None = None,
+                  options: OptionsLike = None) -> AsyncNpc:
+        """Define (or update) an NPC on the daemon and return a handle to talk to it.
+
+        An NPC that already exists keeps its conversation history, so a game can define its NPCs on
+        every start. ``actions``/``emotions`` are the only labels replies may use. ``adapter`` is the
+        NPC's default LoRA adapter and ``options`` its default generation options; ``default_emotion``
+        / ``default_action`` are what the daemon falls back to when the model is cut off.
+        """
+        defaults = None
+        opts = build_options(options)
+        if default_emotion is not None or default_action is not None or opts is not None:
+            defaults = NpcDefaults(emotion=default_emotion, action=default_action, options=opts)
+        spec = NpcSpec(id=npc_id, name=name, persona=persona, actions=list(actions), emotions=list(emotions),
+                       defaults=defaults, adapter=adapter, max_history=max_history)
+        return await self.define(spec)
+
+    async def define(self, spec: NpcSpec) -> AsyncNpc:
+        """Define an NPC from a ready ``NpcSpec`` (see ``npc`` for the keyword form)."""
+        await self._request(NpcDefine(id=self._new_id("d"), npc=spec), NpcDefined)
+        self._npcs[spec.id] = spec
+        return AsyncNpc(self, spec.id)
+
+    async def get_npc(self, npc_id: str) -> AsyncNpc:
+        """A handle to an NPC the daemon already knows (from an earlier run), without redefining it.
+
+        Raises ``UnknownNpc`` when the daemon has no NPC of that id in this game.
+        """
+        frame = await self._request(NpcStateGet(id=self._new_id("g"), npc=npc_id), NpcStateFrame)
+        self._npcs[npc_id] = frame.state.npc
+        return AsyncNpc(self, npc_id)
+
+    async def adapters(self) -> list[AdapterInfo]:
+        """The LoRA adapters the daemon can serve (names to pass as ``adapter=``)."""
+        return (await self._request(AdapterList(id=self._new_id("a")), Adapters)).adapters
+
+    async def ping(self, timeout: Timeout = DEFAULT) -> None:
+        """One round trip to the daemon; raises if it does not answer."""
+        await self._request(Ping(id=self._new_id("p")), Pong, timeout=timeout)
+
+    async def aclose(self) -> None:
+        """Close the connection (requests in flight fail with ConnectionLost); stop an autostarted daemon."""
+        if self._closed:
+            return
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.fail_all(ConnectionLost("the client was closed while this request was in flight"))
+            with contextlib.suppress(Exception):
+                await conn.ws.close()
+            if conn.reader is not None:
+                conn.reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await conn.reader
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 2)
+        if self._daemon is not None:
+            daemon, self._daemon = self._daemon, None
+            await asyncio.to_thread(daemon.stop)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    # -- requests
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}{next(self._ids)}"
+
+    def _timeout(self, timeout: Timeout) -> float | None:
+        return self.timeout if isinstance(timeout, _Unset) else timeout
+
+    async def _request(self, frame: _Request, expect: type[F], *, timeout: Timeout = DEFAULT) -> F:
+        """Send one request and wait for its single answer. Safe to retry once when the connection
+        dropped (every request sent this way is idempotent; npc.say goes through ``_say``)."""
+        seconds = self._timeout(timeout)
+        deadline = _deadline(seconds)
+        for attempt in range(2):
+            conn = await self._ensure_connected()
+            queue = conn.register(frame.id)
+            try:
+                await conn.send(frame)
+                item = await _next(queue, deadline, seconds, frame.id)
+                if isinstance(item, ConnectionLost) and attempt == 0:
+                    continue
+            except _NotSent:
+                if attempt == 0:
+                    continue
+                raise ConnectionLost(_NOT_SENT_MESSAGE) from None
+            finally:
+                conn.pending.pop(frame.id, None)
+            return _expect(item, expect)
+        raise AssertionError("unreachable")
+
+    async def _start_say(self, frame: NpcSay) -> tuple[_Conn, asyncio.Queue[_Item]]:
+        """Send an npc.say. Retried only when the frame provably never left this process."""
+        for attempt in range(2):
+            conn = await self._ensure_connected()
+            queue = conn.register(frame.id)
+            try:
+                await conn.send(frame)
+            except _NotSent:
+                conn.pending.pop(frame.id, None)
+                if attempt == 0:
+                    continue
+                raise ConnectionLost(_NOT_SENT_MESSAGE) from None
+            return conn, queue
+        raise AssertionError("unreachable")
+
+    async def _acquire_slot(self, deadline: float | None, seconds: float | None, request_id: str) -> None:
+        """Wait for room in the daemon's per-connection queue instead of getting queue_full."""
+        if self._slots is None:
+            await self._ensure_connected()
+        assert self._slots is not None
+        remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(self._slots.acquire(), remaining)
+        except TimeoutError:
+            raise _timeout_error(seconds, request_id) from None
+
+    def _release_slot(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+
+    async def _say(self, frame: NpcSay, timeout: Timeout) -> NpcResponse:
+        seconds = self._timeout(timeout)
+        deadline = _deadline(seconds)
+        await self._acquire_slot(deadline, seconds, frame.id)
+        try:
+            conn, queue = await self._start_say(frame)
+            finished = False
+            try:
+                item = await _next(queue, deadline, seconds, frame.id)
+                finished = True
+            finally:
+                conn.pending.pop(frame.id, None)
+                if not finished:  # timed out, or the calling task was cancelled: stop the work too
+                    self._cancel_soon(conn, frame.id)
+            return NpcResponse.from_frame(_expect(item, Reply))
+        finally:
+            self._release_slot()
+
+    def _cancel_soon(self, conn: _Conn, target: str) -> None:
+        """Send a cancel for ``target`` without waiting for its ok (safe from finally blocks)."""
+        if not conn.alive or conn.loop.is_closed():
+            return
+
+        async def send() -> None:
+            with contextlib.suppress(_NotSent):
+                await conn.send(Cancel(id=self._new_id("c"), target=target))
+
+        conn.abandoned.add(target)
+        task = conn.loop.create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel(self, conn: _Conn, target: str) -> None:
+        """Send a cancel and wait for the daemon's answer (ok, or unknown_request if already done)."""
+        frame = Cancel(id=self._new_id("c"), target=target)
+        queue = conn.register(frame.id)
+        try:
+            await conn.send(frame)
+            _expect(await _next(queue, _deadline(self.connect_timeout), self.connect_timeout, frame.id), Ok)
+        except _NotSent:
+            return
+        finally:
+            conn.pending.pop(frame.id, None)
+
+    # -- connection
+
+    def _loop_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            if self._conn is not None and self._conn.loop is not loop:
+                if not self._conn.loop.is_closed():
+                    raise RuntimeError("this AsyncClient is in use on another event loop; make one per loop")
+                self._conn = None
+            self._lock, self._lock_loop, self._slots = asyncio.Lock(), loop, None
+        return self._lock
+
+    async def _ensure_connected(self) -> _Conn:
+        if self._closed:
+            raise ZykeError("this client is closed")
+        lock = self._loop_lock()
+        conn = self._conn
+        if conn is not None and conn.alive:
+            return conn
+        async with lock:
+            conn = self._conn
+            if conn is not None and conn.alive:
+                return conn
+            conn = await self._connect_with_retry()
+            self._conn = conn
+            self._ever_connected = True
+            return conn
+
+    async def _connect_with_retry(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        window = self.reconnect_window if self._ever_connected else 0.0
+        deadline = loop.time() + window
+        delay = 0.05
+        while True:
+            try:
+                return await self._connect_once()
+            except DaemonNotRunning:
+                if self.autostart and self._daemon is None:
+                    await self._start_daemon()
+                    continue
+                if loop.time() + delay > deadline:
+                    raise
+                log.info("daemon not reachable; retrying in %.2fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _start_daemon(self) -> None:
+        self._daemon = await asyncio.to_thread(LocalDaemon.start, self._url, self._token,
+                                               self.autostart_timeout)
+
+    async def _connect_once(self) -> _Conn:
+        from . import __version__
+
+        url = self.url
+        token = self._token or read_token()
+        if not token:
+            raise AuthenticationError(
+                f"no token to present to the daemon: set ZYKE_TOKEN, pass token=, or start the daemon "
+                f"once so it writes {token_path()}", code="unauthorized")
+        try:
+            ws = await connect(url, open_timeout=self.connect_timeout, max_size=MAX_FRAME_BYTES, proxy=None,
+                               compression=None, close_timeout=2, ping_interval=20, ping_timeout=20)
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            raise DaemonNotRunning(f"no Zyke daemon answers at {url} ({exc or type(exc).__name__}); "
+                                   f"{START_HINT}") from exc
+        loop = asyncio.get_running_loop()
+        hello = Hello(id=self._new_id("h"), token=token, protocol=PROTOCOL_VERSION, game=self.game,
+                      client=ClientInfo(name=self.client_name, version=__version__))
+        try:
+            await ws.send(json.dumps(dump_frame(hello)))
+            async with asyncio.timeout(self.connect_timeout):
+                while True:  # the first answer carrying the hello's id (nothing else is in flight yet)
+                    raw = json.loads(await ws.recv())
+                    if raw.get("id") == hello.id:
+                        break
+        except (ConnectionClosed, OSError, TimeoutError, ValueError) as exc:
+            await ws.close()
+            raise DaemonNotRunning(f"the daemon at {url} did not complete the hello handshake "
+                                   f"({exc or type(exc).__name__}); {START_HINT}") from exc
+        if raw.get("type") == "error":
+            await ws.close()
+            error = Error.model_validate(raw)
+            message = error.message
+            if error.code == "unauthorized":
+                message += f" (the token comes from ZYKE_TOKEN, the token file {token_path()}, or token=)"
+            raise error_for_code(error.code, message, error.id, error.details)
+        welcome = Welcome.model_validate(raw)
+        conn = _Conn(ws=ws, welcome=welcome, loop=loop)
+        conn.reader = loop.create_task(self._read(conn), name="zyke-reader")
+        if self._slots is None:
+            limit = welcome.limits.max_queued_per_client if welcome.limits else None
+            self._slots = asyncio.Semaphore(limit or 8)
+        # Bring the daemon back to what this client defined (history is kept on its disk).
+        try:
+            for spec in list(self._npcs.values()):
+                frame = NpcDefine(id=self._new_id("d"), npc=spec)
+                queue = conn.register(frame.id)
+                try:
+                    await conn.send(frame)
+                    deadline = _deadline(self.connect_timeout)
+                    _expect(await _next(queue, deadline, self.connect_timeout, frame.id), NpcDefined)
+                finally:
+                    conn.pending.pop(frame.id, None)
+        except (_NotSent, ConnectionLost) as exc:
+            conn.alive = False
+            raise DaemonNotRunning(f"the daemon at {url} dropped the connection while NPCs were being "
+                                   f"re-defined; {START_HINT}") from exc
+        if self._ever_connected:
+            log.info("reconnected to %s and re-defined %d NPC(s)", url, len(self._npcs))
+        return conn
+
+    async def _read(self, conn: _Conn) -> None:
+        """Route every frame from the daemon to the request it answers."""
+        reason = "the connection to the daemon was closed"
+        try:
+            async for message in conn.ws:
+                _route(conn, message)
+        except ConnectionClosed as exc:
+            reason = f"the connection to the daemon was lost ({exc})"
+        except Exception as exc:  # never leave requests hanging on a reader bug
+            log.exception("zyke reader failed")
+            reason = f"the client's reader failed: {exc!r}"
+        finally:
+            if self._conn is conn:
+                self._conn = None
+            conn.fail_all(ConnectionLost(f"{reason} while this request was in flight; it was not retried "
+                                         "(the next call reconnects)"))
+
+
+def _route(conn: _Conn, message: str | bytes) -> None:
+    try:
+        raw = json.loads(message)
+    except ValueError:
+        log.warning("daemon sent a frame that is not JSON: %.200r", message)
+        return
+    if not isinstance(raw, dict):
+        return
+    request_id = raw.get("id")
+    model = SERVER_FRAMES.get(raw.get("type", ""))
+    queue = conn.pending.get(request_id) if isinstance(request_id, str) else None
+    if queue is None and isinstance(request_id, str) and request_id in conn.abandoned:
+        if raw.get("type") in ("reply", "error"):
+            conn.abandoned.discard(request_id)
+        return
+    if model is None:
+        log.debug("ignoring frame of unknown type %r", raw.get("type"))
+        return
+    item: _Item
+    try:
+        item = model.model_validate(raw)
+    except ValidationError as exc:
+        item = ProtocolError(f"the daemon sent an invalid {raw.get('type')} frame: {exc}",
+                             request_id=request_id)
+    if queue is not None:
+        queue.put_nowait(item)
+    elif isinstance(item, Error):
+        log.warning("daemon error not tied to a pending request: [%s] %s (id %s)",
+                    item.code, item.message, item.id)
+
+
+def _timeout_error(seconds: float | None, request_id: str) -> ZykeTimeout:
+    return ZykeTimeout(f"no answer within {seconds:g} s (client timeout); the request was cancelled",
+                       code="timeout", request_id=request_id)
+
+
+async def _next(queue: asyncio.Queue[_Item], deadline: float | None, seconds: float | None,
+                request_id: str) -> _Item:
+    remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
+    if remaining is not None and remaining <= 0 and queue.empty():
+        raise _timeout_error(seconds, request_id)
+    try:
+        return await asyncio.wait_for(queue.get(), remaining)
+    except TimeoutError:
+        raise _timeout_error(seconds, request_id) from None
+
+
+def _expect(item: _Item, expect: type[F]) -> F:
+    if isinstance(item, BaseException):
+        raise item
+    if isinstance(item, Error):
+        raise error_for_code(item.code, item.message, item.id, item.details)
+    if not isinstance(item, expect):
+        raise ProtocolError(f"expected a {expect.__name__} frame, the daemon sent {type(item).__name__}",
+                            request_id=getattr(item, "id", None))
+    return item
+
+
+class AsyncNpc:
+    """A handle to one NPC defined through an ``AsyncClient``. Cheap; make as many as you like."""
+
+    def __init__(self, client: AsyncClient, npc_id: str) -> None:
+        self._client = client
+        self.id = npc_id
+
+    @property
+    def spec(self) -> NpcSpec:
+        """The NPC's current definition (updated by ``load``)."""
+        return self._client._npcs[self.id]
+
+    @property
+    def name(self) -> str:
+        return self.spec.display_name
+
+    @property
+    def actions(self) -> list[str]:
+        return list(self.spec.actions)
+
+    @property
+    def emotions(self) -> list[str]:
+        return list(self.spec.emotions)
+
+    def __repr__(self) -> str:
+        return f"AsyncNpc({self.id!r})"
+
+    def _frame(self, text: str, state: Mapping[str, Any] | None, options: GenerationOptions | None,
+               adapter: str | None, stream: bool) -> NpcSay:
+        return NpcSay(id=self._client._new_id("s"), npc=self.id, input=text,
+                      state=dict(state) if state is not None else None, options=options,
+                      stream=stream or None, adapter=adapter)
+
+    async def say(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
+                  adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
+                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                  seed: int | None = None, stop: Sequence[str] | None = None,
+                  repeat_penalty: float | None = None) -> NpcResponse:
+        """Say a line to the NPC and wait for its whole reply.
+
+        ``state`` is the game state the NPC should know about this turn (location, gold, quest flags).
+        Generation options come as keywords or an ``options`` object/dict (keywords win); ``adapter``
+        picks a LoRA adapter for this call. When ``timeout`` expires the request is cancelled on the
+        daemon and ``ZykeTimeout`` raised; cancelling the awaiting task cancels it on the daemon too.
+        """
+        opts = build_options(options, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, seed=seed, stop=stop, repeat_penalty=repeat_penalty)
+        return await self._client._say(self._frame(text, state, opts, adapter, False), timeout)
+
+    def stream(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
+               adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
+               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+               seed: int | None = None, stop: Sequence[str] | None = None,
+               repeat_penalty: float | None = None) -> AsyncReplyStream:
+        """Say a line and get the reply as it is generated: ``async for piece in npc.stream(...)``.
+
+        Each item is the next piece of the spoken line (a ``str``); they concatenate to the final
+        ``stream.response.say``. The request is sent on the first iteration. Leaving the loop early
+        and closing the stream (``async with`` does it) cancels the request on the daemon.
+        """
+        opts = build_options(options, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, seed=seed, stop=stop, repeat_penalty=repeat_penalty)
+        return AsyncReplyStream(self._client, self._frame(text, state, opts, adapter, True), timeout)
+
+    async def save(self) -> dict[str, Any]:
+        """The NPC's full state (definition and history) as a JSON-ready dict for a game's save file."""
+        request = NpcStateGet(id=self._client._new_id("g"), npc=self.id)
+        frame = await self._client._request(request, NpcStateFrame)
+        return frame.state.model_dump(mode="json", exclude_none=True)
+
+    async def load(self, state: NpcState | Mapping[str, Any]) -> None:
+        """Restore a state from ``save()``: its history and definition replace the current ones."""
+        parsed = state if isinstance(state, NpcState) else NpcState.model_validate(state)
+        if parsed.npc.id != self.id:
+            raise ValueError(f"this state belongs to NPC {parsed.npc.id!r}, not {self.id!r}")
+        request = NpcStateSet(id=self._client._new_id("l"), state=parsed)
+        frame = await self._client._request(request, NpcStateFrame)
+        self._client._npcs[self.id] = frame.state.npc
+
+    async def reset(self) -> None:
+        """Forget the conversation history; the definition stays."""
+        await self._client._request(NpcReset(id=self._client._new_id("r"), npc=self.id), Ok)
+
+
+class AsyncReplyStream:
+    """A streamed reply: async-iterate for pieces of text, then read ``response``.
+
+    ``cancel()`` stops the generation on the daemon (iteration then raises ``Cancelled``); ``aclose()``
+    (or leaving an ``async with`` block) abandons it quietly, cancelling it on the daemon when unfinished.
+    """
+
+    def __init__(self, client: AsyncClient, frame: NpcSay, timeout: Timeout) -> None:
+        self._client = client
+        self._frame = frame
+        self._seconds = client._timeout(timeout)
+        self._deadline: float | None = None
+        self._conn: _Conn | None = None
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._slot = False
+        self._done = False
+        self.text = ""
+        """The spoken text received so far."""
+        self.response: NpcResponse | None = None
+        """The final reply once the stream is exhausted."""
+
+    @property
+    def request_id(self) -> str:
+        return self._frame.id
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def _start(self) -> None:
+        self._deadline = _deadline(self._seconds)
+        await self._client._acquire_slot(self._deadline, self._seconds, self._frame.id)
+        self._slot = True
+        try:
+            self._conn, self._queue = await self._client._start_say(self._frame)
+        except BaseException:
+            self._finish()
+            raise
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._conn is not None:
+            self._conn.pending.pop(self._frame.id, None)
+        if self._slot:
+            self._slot = False
+            self._client._release_slot()
+
+    async def __anext__(self) -> str:
+        piece = await self._next_piece()
+        if piece is None:
+            raise StopAsyncIteration
+        return piece
+
+    async def _next_piece(self) -> str | None:
+        """The next piece of text, or None at the end (what the sync wrapper calls)."""
+        if self._done:
+            return None
+        if self._queue is None:
+            await self._start()
+        assert self._queue is not None and self._conn is not None
+        try:
+            item = await _next(self._queue, self._deadline, self._seconds, self._frame.id)
+        except BaseException:  # timeout, or the task was cancelled: stop the daemon's work too
+            self._client._cancel_soon(self._conn, self._frame.id)
+            self._finish()
+            raise
+        if isinstance(item, ReplyDelta):
+            self.text += item.text
+            return item.text
+        self._finish()
+        self.response = NpcResponse.from_frame(_expect(item, Reply))
+        return None
+
+    async def final(self) -> NpcResponse:
+        """Consume what is left of the stream and return the whole reply."""
+        while await self._next_piece() is not None:
+            pass
+        if self.response is None:
+            raise ZykeError("the stream was closed before the reply arrived")
+        return self.response
+
+    async def cancel(self) -> None:
+        """Stop the generation on the daemon; the next iteration raises ``Cancelled``.
+
+        Does nothing when the reply has already fully arrived.
+        """
+        if self._done:
+            return
+        if self._conn is None:  # never sent: nothing to stop on the daemon
+            self._finish()
+            return
+        try:
+            await self._client._cancel(self._conn, self._frame.id)
+        except ProtocolError as exc:
+            if exc.code != "unknown_request":  # it finished meanwhile; its reply is in the queue
+                raise
+
+    async def aclose(self) -> None:
+        """Abandon the stream; an unfinished request is cancelled on the daemon."""
+        if self._done:
+            return
+        if self._conn is not None:
+            self._client._cancel_soon(self._conn, self._frame.id)
+        self._finish()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # Breaking out of ``async for`` without closing: still stop the work on the daemon.
+        if not getattr(self, "_done", True) and self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.loop.call_soon_threadsafe(self._abandon)
+
+    def _abandon(self) -> None:
+        if not self._done and self._conn is not None:
+            self._client._cancel_soon(self._conn, self._frame.id)
+            self._finish()

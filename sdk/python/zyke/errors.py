@@ -1,0 +1,102 @@
+"""Typed exceptions of the Zyke SDK.
+
+Game code should be able to tell "the daemon is not there" (show a hint, maybe fall back to canned
+lines) from "the player's line took too long" (retry later) from "the NPC definition is wrong" (a bug
+to fix), without parsing messages. Everything the SDK raises on purpose derives from ``ZykeError``;
+errors the daemon reports carry its stable ``code`` (see ``zyke.protocol.ErrorCode``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .protocol import ErrorCode
+
+START_HINT = "start it with: zyke-daemon start (or pass autostart=True to Client)"
+
+
+class ZykeError(Exception):
+    """Base of every error the SDK raises on purpose: ``except ZykeError`` catches them all."""
+
+
+class DaemonNotRunning(ZykeError, ConnectionError):
+    """No daemon answers at the URL (or it could not be started). Also a ``ConnectionError``."""
+
+
+class ConnectionLost(ZykeError, ConnectionError):
+    """The connection dropped while this request was in flight.
+
+    The request is not retried, because the daemon may already have recorded the turn; the next
+    call reconnects (and re-defines this client's NPCs) by itself.
+    """
+
+
+class ProtocolError(ZykeError):
+    """The daemon answered a request with an error frame.
+
+    ``code`` is the daemon's stable error code (a ``zyke.protocol.ErrorCode`` value, or ``None`` when
+    the error was detected client-side), ``message`` its human explanation, ``request_id`` the id of
+    the request it answers and ``details`` any extra data the daemon attached.
+    """
+
+    def __init__(self, message: str, code: str | None = None, request_id: str | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.request_id = request_id
+        self.details = details or {}
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}" if self.code else self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.code, self.request_id, self.details))
+
+
+class AuthenticationError(ProtocolError):
+    """The daemon refused the token (codes ``unauthorized`` / ``not_authenticated``)."""
+
+
+class ZykeTimeout(ProtocolError, TimeoutError):
+    """No answer in time: the client's own timeout (the request is then cancelled on the daemon)
+    or the daemon's (code ``timeout``). Also a builtin ``TimeoutError``."""
+
+
+class Cancelled(ProtocolError):
+    """The request was cancelled (code ``cancelled``), by ``stream.cancel()`` or another cancel frame."""
+
+
+class UnknownNpc(ProtocolError):
+    """The daemon has no NPC of that id in this game (code ``unknown_npc``)."""
+
+
+class UnknownAdapter(ProtocolError):
+    """No LoRA adapter of that name is registered with the daemon (code ``unknown_adapter``)."""
+
+
+class QueueFull(ProtocolError):
+    """Too many requests in flight on this connection (code ``queue_full``); wait for a reply."""
+
+
+class GenerationFailed(ProtocolError):
+    """The model failed to produce a valid reply (codes ``generation_failed`` / ``model_error``)."""
+
+
+_BY_CODE: dict[str, type[ProtocolError]] = {
+    ErrorCode.UNAUTHORIZED: AuthenticationError,
+    ErrorCode.NOT_AUTHENTICATED: AuthenticationError,
+    ErrorCode.TIMEOUT: ZykeTimeout,
+    ErrorCode.CANCELLED: Cancelled,
+    ErrorCode.UNKNOWN_NPC: UnknownNpc,
+    ErrorCode.UNKNOWN_ADAPTER: UnknownAdapter,
+    ErrorCode.QUEUE_FULL: QueueFull,
+    ErrorCode.GENERATION_FAILED: GenerationFailed,
+    ErrorCode.MODEL_ERROR: GenerationFailed,
+}
+
+
+def error_for_code(code: str, message: str, request_id: str | None = None,
+                   details: dict[str, Any] | None = None) -> ProtocolError:
+    """The typed exception for a daemon error code (``ProtocolError`` itself for the rest)."""
+    return _BY_CODE.get(code, ProtocolError)(message, code=code, request_id=request_id, details=details)
