@@ -36,5 +36,5 @@ def frame_types() -> tuple[tuple[str, ...], tuple[str, ...]]:
 def all_schemas() -> dict[str, dict[str, Any]]:
     """Every schema document keyed by its ``$id``, ready for a ``referencing`` registry."""
     client, server = frame_types()
-    names = ["common", "npc_reply", "client", "server", *(f"frames/{t}" for t in client + server)]
+    names = ["common", "npc_reply", "npc_example", "client", "server", *(f"frames/{t}" for t in client + server)]
     return {load_schema(n)["$id"]: load_schema(n) for n in names}
