@@ -11,7 +11,8 @@ import pytest
 from zyke.prompt_format import render_prompt, render_reply, reply_schema
 from zyke.protocol import NpcReply, NpcSpec, Turn
 from zyke_daemon.backends.base import GenerationRequest
-from zyke_daemon.backends.llamacpp import LlamaCppBackend, sample
+from zyke_daemon.backends.decoding import sample
+from zyke_daemon.backends.llamacpp import LlamaCppBackend
 from zyke_daemon.embedded import EMBEDDED_NAME, embedded_model_path
 from zyke_daemon.validation import validator_for
 

@@ -38,6 +38,7 @@ class GenerationResult:
     cached_tokens: int = 0
     ttft_s: float = 0.0
     total_s: float = 0.0
+    tokens: list[int] = field(default_factory=list)
 
 
 #: Called with each decoded piece of text; returns False to stop generating (a stop string was hit).
