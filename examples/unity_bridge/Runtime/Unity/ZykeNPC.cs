@@ -1,0 +1,185 @@
+using System;
+using System.Collections.Concurrent;
+using System.Collections.Generic;
+using System.Threading.Tasks;
+using UnityEngine;
+using UnityEngine.Events;
+
+namespace Zyke.Unity
+{
+    [Serializable] public class ZykeReplyEvent : UnityEvent<string, string, string> { }
+    [Serializable] public class ZykeTextEvent : UnityEvent<string> { }
+    [Serializable] public class ZykeErrorEvent : UnityEvent<string, string> { }
+
+    /// <summary>
+    /// An NPC driven by the local zyke-daemon. Set persona, actions and emotions in the inspector, call
+    /// Say(text) and handle OnReply (say, emotion, action). The client works on background threads;
+    /// everything this component raises is queued and run in Update, on the main thread.
+    /// </summary>
+    [AddComponentMenu("Zyke/Zyke NPC")]
+    public class ZykeNPC : MonoBehaviour
+    {
+        [Tooltip("Unique per game; defaults to the GameObject's name.")]
+        public string npcId = "";
+        public string displayName = "";
+        [TextArea(3, 10)] public string persona = "";
+        public string[] actions = { "none" };
+        public string[] emotions = { "neutral" };
+        public string defaultAction = "";
+        public string defaultEmotion = "";
+        [Range(0, 200)] public int maxHistory = 12;
+
+        [Header("Generation")]
+        [Range(1, 1024)] public int maxTokens = 64;
+        [Range(0f, 2f)] public float temperature = 0.7f;
+        public bool stream = true;
+
+        [Header("Events (main thread)")]
+        public ZykeReplyEvent OnReply = new ZykeReplyEvent();
+        public ZykeTextEvent OnDelta = new ZykeTextEvent();
+        public ZykeErrorEvent OnError = new ZykeErrorEvent();
+
+        /// <summary>Raised with the full result (usage, timings, request id) after OnReply.</summary>
+        public event Action<SayResult> ReplyReceived;
+
+        static ZykeClient _shared;
+        static readonly object SharedLock = new object();
+
+        /// <summary>The client every ZykeNPC uses unless Client is set; created on first use from
+        /// ZYKE_URL/ZYKE_TOKEN or the daemon's files. Replace it before the first NPC wakes to configure it.</summary>
+        public static ZykeClient SharedClient
+        {
+            get { lock (SharedLock) return _shared ?? (_shared = new ZykeClient()); }
+            set { lock (SharedLock) _shared = value; }
+        }
+
+        /// <summary>This NPC's client (SharedClient by default).</summary>
+        public ZykeClient Client { get; set; }
+
+        readonly ConcurrentQueue<Action> _mainThread = new ConcurrentQueue<Action>();
+        Task _defined;
+
+        void Awake()
+        {
+            if (string.IsNullOrEmpty(npcId)) npcId = name.ToLowerInvariant().Replace(' ', '_');
+            if (Client == null) Client = SharedClient;
+        }
+
+        void Start()
+        {
+            Define();
+        }
+
+        void Update()
+        {
+            Action action;
+            while (_mainThread.TryDequeue(out action))
+            {
+                try { action(); }
+                catch (Exception e) { Debug.LogException(e, this); }
+            }
+        }
+
+        /// <summary>(Re)send the definition, e.g. after changing the persona at runtime.</summary>
+        public Task Define()
+        {
+            _defined = Client.DefineAsync(Spec());
+            Watch(_defined);
+            return _defined;
+        }
+
+        public NpcSpec Spec()
+        {
+            var spec = new NpcSpec(npcId, persona, actions, emotions) { MaxHistory = maxHistory };
+            if (!string.IsNullOrEmpty(displayName)) spec.Name = displayName;
+            if (!string.IsNullOrEmpty(defaultAction)) spec.DefaultAction = defaultAction;
+            if (!string.IsNullOrEmpty(defaultEmotion)) spec.DefaultEmotion = defaultEmotion;
+            return spec;
+        }
+
+        /// <summary>Say something to this NPC (game state optional). Returns the request id; the
+        /// answer comes through OnDelta/OnReply/OnError on the main thread.</summary>
+        public string Say(string text, IDictionary<string, object> state = null)
+        {
+            string requestId = Client.NewRequestId();
+            SayAsync(text, state, requestId);
+            return requestId;
+        }
+
+        /// <summary>Awaitable variant; the events still fire. Continuations run where Unity's
+        /// SynchronizationContext puts them (the main thread when awaited from it).</summary>
+        public Task<SayResult> SayAsync(string text, IDictionary<string, object> state = null, string requestId = null)
+        {
+            var request = new SayRequest
+            {
+                NpcId = npcId, Input = text, State = state, RequestId = requestId,
+                Options = new GenerationOptions { MaxTokens = maxTokens, Temperature = temperature },
+            };
+            if (stream) request.OnDelta = piece => _mainThread.Enqueue(() => OnDelta.Invoke(piece));
+            var task = SayAfterDefine(request);
+            Watch(task, result => _mainThread.Enqueue(() =>
+            {
+                OnReply.Invoke(result.Reply.Say, result.Reply.Emotion, result.Reply.Action);
+                if (ReplyReceived != null) ReplyReceived(result);
+            }));
+            return task;
+        }
+
+        async Task<SayResult> SayAfterDefine(SayRequest request)
+        {
+            if (_defined != null)
+            {
+                try { await _defined; } catch (ZykeException) { }
+            }
+            return await Client.SayAsync(request);
+        }
+
+        /// <summary>This NPC's state (definition and history) as JSON for the game's save file.</summary>
+        public Task<string> SaveStateAsync()
+        {
+            return Client.GetStateJsonAsync(npcId);
+        }
+
+        /// <summary>Restore what SaveStateAsync returned.</summary>
+        public async Task LoadStateAsync(string stateJson)
+        {
+            var restored = await Client.SetStateJsonAsync(stateJson);
+            var spec = NpcSpec.FromJson(JsonRead.Obj(restored, "npc"));
+            _mainThread.Enqueue(() =>
+            {
+                persona = spec.Persona;
+                actions = spec.Actions.ToArray();
+                emotions = spec.Emotions.ToArray();
+                displayName = spec.Name ?? "";
+            });
+        }
+
+        public Task ResetAsync()
+        {
+            return Client.ResetAsync(npcId);
+        }
+
+        void Watch<T>(Task<T> task, Action<T> onResult)
+        {
+            task.ContinueWith(t =>
+            {
+                if (t.IsFaulted) ReportError(t.Exception);
+                else if (!t.IsCanceled) onResult(t.Result);
+            }, TaskScheduler.Default);
+        }
+
+        void Watch(Task task)
+        {
+            task.ContinueWith(t => ReportError(t.Exception), TaskContinuationOptions.OnlyOnFaulted);
+        }
+
+        void ReportError(AggregateException failure)
+        {
+            if (failure == null) return;
+            Exception inner = failure.InnerException ?? failure;
+            var error = inner as ZykeException;
+            string code = error != null ? error.Code : ProtocolConstants.ErrorCodes.Internal;
+            _mainThread.Enqueue(() => OnError.Invoke(code, inner.Message));
+        }
+    }
+}
