@@ -76,7 +76,8 @@ def test_project_godot_autoload_and_main_scene() -> None:
 
 def test_zyke_api_surface() -> None:
     client = (ADDON / "zyke_client.gd").read_text()
-    for signal in ["signal connected(", "signal disconnected(", "signal reply_received(npc_id: String, reply: Dictionary, request_id: String)",
+    for signal in ["signal connected(", "signal disconnected(",
+                   "signal reply_received(npc_id: String, reply: Dictionary, request_id: String)",
                    "signal delta_received(npc_id: String, text: String, request_id: String)",
                    "signal error(code: String, message: String, request_id: String)"]:
         assert signal in client
@@ -124,11 +125,11 @@ def test_tscn_is_consistent(path: Path) -> None:
     root, _ = nodes[0]
     assert "parent" not in root and "type" in root
     known = {"."}
-    for attrs, props in nodes[1:]:
+    for attrs, _props in nodes[1:]:
         assert attrs["parent"] in known, f"node {attrs['name']}: parent {attrs['parent']!r} not declared before"
         assert "type" in attrs or "instance" in attrs
         known.add(attrs["name"] if attrs["parent"] == "." else f"{attrs['parent']}/{attrs['name']}")
-    for _, props in nodes:
+    for _attrs, props in nodes:
         for line in props:
             for ref in re.findall(r'ExtResource\("([^"]+)"\)', line):
                 assert ref in ext, f"unknown ExtResource {ref}"

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from daemon_proc import DaemonProcess
 
 BRIDGE = Path(__file__).resolve().parent.parent / "examples" / "unity_bridge"

@@ -115,9 +115,8 @@ def render_godot(facts: dict[str, Any]) -> str:
 
 
 def render_unity(facts: dict[str, Any]) -> str:
-    def consts(names: list[str], wire: list[str] | None = None) -> list[str]:
-        return [f"            public const string {_pascal(n)} = {_cs_str(w)};"
-                for n, w in zip(names, wire or names)]
+    def consts(names: list[str]) -> list[str]:
+        return [f"            public const string {_pascal(n)} = {_cs_str(n)};" for n in names]
 
     def array(name: str, values: list[str]) -> list[str]:
         items = ", ".join(_cs_str(v) for v in values)
