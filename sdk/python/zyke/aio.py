@@ -436,17 +436,18 @@ class AsyncClient:
         from . import __version__
 
         url = self.url
-        token = self._token or read_token()
-        if not token:
-            raise AuthenticationError(
-                f"no token to present to the daemon: set ZYKE_TOKEN, pass token=, or start the daemon "
-                f"once so it writes {token_path()}", code="unauthorized")
         try:
             ws = await connect(url, open_timeout=self.connect_timeout, max_size=MAX_FRAME_BYTES, proxy=None,
                                compression=None, close_timeout=2, ping_interval=20, ping_timeout=20)
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise DaemonNotRunning(f"no Zyke daemon answers at {url} ({exc or type(exc).__name__}); "
                                    f"{START_HINT}") from exc
+        token = self._token or read_token()  # read after connecting: an autostarted daemon has written it
+        if not token:
+            await ws.close()
+            raise AuthenticationError(
+                f"no token to present to the daemon: set ZYKE_TOKEN, pass token=, or start the daemon "
+                f"once so it writes {token_path()}", code="unauthorized")
         loop = asyncio.get_running_loop()
         hello = Hello(id=self._new_id("h"), token=token, protocol=PROTOCOL_VERSION, game=self.game,
                       client=ClientInfo(name=self.client_name, version=__version__))
