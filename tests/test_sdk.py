@@ -181,5 +181,11 @@ def test_in_flight_request_fails_typed_when_the_daemon_goes_away(fresh_daemon: D
             for _ in stream:
                 pass
         assert isinstance(info.value, ZykeError)
-        fresh_daemon.start()
-        assert_valid(npc.say("Are you back?", **SHORT), npc)  # the next call reconnects by itself
+        # the daemon comes back while the next call is already retrying (within reconnect_window)
+        starter = threading.Thread(target=fresh_daemon.start)
+        starter.start()
+        try:
+            assert_valid(npc.say("Are you back?", **SHORT), npc)
+        finally:
+            starter.join()
+        assert [t["player"] for t in npc.save()["history"]] == ["Are you back?"]

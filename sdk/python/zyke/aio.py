@@ -688,7 +688,11 @@ class AsyncReplyStream:
 
     async def _start(self) -> None:
         self._deadline = _deadline(self._seconds)
-        await self._client._acquire_slot(self._deadline, self._seconds, self._frame.id)
+        try:
+            await self._client._acquire_slot(self._deadline, self._seconds, self._frame.id)
+        except BaseException:
+            self._done = True
+            raise
         self._slot = True
         try:
             self._conn, self._queue = await self._client._start_say(self._frame)
