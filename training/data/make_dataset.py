@@ -176,7 +176,8 @@ def stats_markdown(train: list[dict[str, Any]], heldout: list[dict[str, Any]]) -
     lines = [f"{len(rows)} rows: {len(train)} train, {len(heldout)} held-out; "
              f"{sum(1 for r in rows if 'state' in r)} with game state, "
              f"{sum(1 for r in rows if r['history'])} with history "
-             f"({Counter(len(r['history']) for r in rows if r['history'])} by number of turns).", "",
+             f"({', '.join(f'{n} turns: {c}' for n, c in sorted(Counter(len(r['history']) for r in rows).items()))}).",
+             "",
              "| persona | name | actions | emotions | train | held-out |", "| --- | --- | --- | --- | ---: | ---: |"]
     npcs = {r["npc"]["id"]: r["npc"] for r in rows}
     for npc_id, npc in npcs.items():
