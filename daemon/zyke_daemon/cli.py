@@ -32,9 +32,19 @@ def cli() -> None:
 @cli.command()
 @click.option("--host", help="Address to bind (default 127.0.0.1; anything else exposes the daemon).")
 @click.option("--port", type=int, help="Port (default 7341; 0 picks a free one).")
-@click.option("--model", type=click.Path(dir_okay=False),
-              help="A GGUF model file (default: the embedded Gemma 3 270M).")
-@click.option("--backend", type=click.Choice(["auto", "llama.cpp"]), help="Model backend.")
+@click.option("--model", help="A GGUF file (llama.cpp), or a checkpoint directory or Hugging Face Hub name "
+              "(transformers). Default: the embedded Gemma 3 270M.")
+@click.option("--backend", type=click.Choice(["auto", "llama.cpp", "transformers"]),
+              help="Model backend (auto: transformers on a CUDA GPU, llama.cpp otherwise).")
+@click.option("--device", help="transformers: auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              help="transformers: weight dtype (auto: bfloat16 on CUDA, float32 elsewhere).")
+@click.option("--quantization", type=click.Choice(["4bit", "8bit"]),
+              help="transformers: load the weights quantized with bitsandbytes (pip install 'zyke[gpu]').")
+@click.option("--attn-implementation", "attn_implementation",
+              type=click.Choice(["flash_attention_2", "sdpa", "eager"]),
+              help="transformers: attention kernel (default: flash_attention_2 when installed, else sdpa).")
+@click.option("--compile/--no-compile", "compile", default=None, help="transformers: torch.compile the model.")
 @click.option("--threads", "n_threads", type=int, help="CPU threads for llama.cpp.")
 @click.option("--allow-origin", "allowed_origins", multiple=True,
               help="A browser Origin allowed to connect (repeatable). Browsers are refused otherwise.")

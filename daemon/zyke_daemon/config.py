@@ -19,8 +19,13 @@ from zyke.paths import DEFAULT_PORT, config_dir
 class DaemonConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    model: str | None = None  # None: the embedded Gemma 3 270M
-    backend: str = "auto"
+    model: str | None = None  # None: the embedded Gemma 3 270M; transformers also takes a Hub name or a checkpoint dir
+    backend: str = "auto"  # auto: transformers on a CUDA machine with torch, llama.cpp otherwise
+    device: str = "auto"  # transformers: auto (cuda > mps > cpu), cuda, cuda:1, mps, cpu
+    dtype: str = "auto"  # transformers: auto (bfloat16 on CUDA, float32 elsewhere), bfloat16, float16, float32
+    quantization: str | None = None  # transformers: None, 4bit (NF4) or 8bit, via bitsandbytes
+    attn_implementation: str | None = None  # transformers: None picks flash_attention_2 when installed, else sdpa
+    compile: bool = False  # transformers: torch.compile the model
     log_level: str = "info"
     n_ctx: int = 4096
     n_threads: int | None = None  # None: llama.cpp's own choice
@@ -29,6 +34,7 @@ class DaemonConfig:
     request_timeout_s: float = 120.0
     max_history: int = 12
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+    max_loaded_adapters: int = 8
     token: str | None = None  # None: ZYKE_TOKEN or the token file
 
     @property
@@ -47,6 +53,12 @@ def _coerce(name: str, raw: Any) -> Any:
     if "tuple" in str(kind):
         items = raw.split(",") if isinstance(raw, str) else raw
         return tuple(str(i).strip() for i in items if str(i).strip())
+    if kind.startswith("bool"):
+        if isinstance(raw, str):
+            if raw.strip().lower() not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+                raise ValueError(f"{name}: expected true or false, got {raw!r}")
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+        return bool(raw)
     if kind.startswith("int"):
         return int(raw)
     if kind.startswith("float"):
