@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 from zyke.paths import data_dir, ensure_token
 
+from .adapters import AdapterRegistry
 from .backends.loader import load_backend
 from .config import DaemonConfig
 from .embedded import resolve_model
@@ -22,7 +24,8 @@ async def run_daemon(config: DaemonConfig, started: asyncio.Event | None = None)
     resolve_model(config.model)  # fast; fails early with ModelLoadError
     token = config.token or ensure_token()
     sessions = SessionStore(data_dir() / "npcs", default_max_history=config.max_history)
-    server = DaemonServer(config, sessions, token, load=lambda: load_backend(config))
+    registry = AdapterRegistry([data_dir() / "adapters", *(Path(d) for d in config.adapter_dirs)])
+    server = DaemonServer(config, sessions, token, load=lambda: load_backend(config), registry=registry)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -34,6 +34,7 @@ class DaemonConfig:
     request_timeout_s: float = 120.0
     max_history: int = 12
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+    adapter_dirs: tuple[str, ...] = field(default_factory=tuple)  # besides <data dir>/adapters
     max_loaded_adapters: int = 8
     token: str | None = None  # None: ZYKE_TOKEN or the token file
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 from zyke.prompt_format import render_prompt, reply_schema
@@ -49,7 +49,7 @@ from zyke.protocol import (
     Welcome,
     dump_frame,
 )
-from zyke.protocol.models import Cancel, Hello, Limits
+from zyke.protocol.models import AdapterLoad, AdapterUnload, Cancel, Hello, Limits
 
 from . import __version__
 from .backends.base import DEFAULT_REPEAT_PENALTY, GenerationRequest, GenerationResult
@@ -82,7 +82,16 @@ class CancelJob:
     job: SayJob
 
 
-Action = Send | Submit | CancelJob
+@dataclass
+class AdapterOp:
+    """Load or unload an adapter: work for the model thread, answered with an adapters frame."""
+
+    request_id: str
+    op: Literal["load", "unload"]
+    name: str
+
+
+Action = Send | Submit | CancelJob | AdapterOp
 
 
 @dataclass
@@ -304,6 +313,11 @@ class ConnectionCore:
                 self._check_spec(frame.state.npc, frame.id)
                 session = sessions.restore(self.game, frame.state)
                 return [Send(dump_frame(NpcStateFrame(id=frame.id, state=session.state())))]
+            case AdapterLoad() | AdapterUnload():
+                if frame.name not in {a.name for a in self.daemon.adapters()}:
+                    raise DaemonError(ErrorCode.UNKNOWN_ADAPTER, f"no adapter named {frame.name!r} is registered",
+                                      frame.id)
+                return [AdapterOp(frame.id, "load" if isinstance(frame, AdapterLoad) else "unload", frame.name)]
             case _:
                 return [Send(dump_frame(Adapters(id=frame.id, adapters=self.daemon.adapters())))]
 

@@ -24,13 +24,14 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from zyke.paths import runtime_path
-from zyke.protocol import AdapterInfo, ErrorCode, ReplyDelta, dump_frame
+from zyke.protocol import AdapterInfo, Adapters, ErrorCode, ReplyDelta, dump_frame
 
 from . import __version__
+from .adapters import AdapterRegistry
 from .backends.base import Backend
 from .config import DaemonConfig
-from .core import CancelJob, ConnectionCore, DaemonCore, SayJob, Send, Submit, error_frame
-from .errors import DaemonError
+from .core import AdapterOp, CancelJob, ConnectionCore, DaemonCore, SayJob, Send, Submit, error_frame
+from .errors import DaemonError, ModelLoadError
 from .metrics import Metrics
 from .scheduler import FairQueue
 from .sessions import SessionStore
@@ -69,8 +70,9 @@ class DaemonServer:
     WebSocket messages wait for the model, so a game that starts the daemon can connect straight away."""
 
     def __init__(self, config: DaemonConfig, sessions: SessionStore, token: str, load: Callable[[], Backend],
-                 write_runtime_file: bool = True) -> None:
+                 registry: AdapterRegistry, write_runtime_file: bool = True) -> None:
         self.config = config
+        self.registry = registry
         self.sessions = sessions
         self.token = token
         self._load = load
@@ -86,6 +88,7 @@ class DaemonServer:
         self._server: Server | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._loader: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
         self._write_runtime = write_runtime_file
         self.port: int | None = None
@@ -122,7 +125,18 @@ class DaemonServer:
         log.info("model %s ready on %s", self.backend.model.name, self.backend.name)
 
     def _adapters(self) -> list[AdapterInfo]:
-        return []
+        return self.registry.infos(self.backend.loaded_adapters if self.backend else [])
+
+    def _ensure_adapter(self, name: str | None, request_id: str | None) -> None:
+        """Model thread: load a registered adapter on first use (checked against this base and its hashes)."""
+        backend = self.backend
+        if name is None or backend is None or name in backend.loaded_adapters:
+            return
+        path = self.registry.resolve(name, backend.fingerprint, backend.adapter_kind, request_id)
+        try:
+            backend.load_adapter(name, path)
+        except ModelLoadError as exc:
+            raise DaemonError(ErrorCode.ADAPTER_REJECTED, str(exc), request_id) from exc
 
     async def serve_forever(self) -> None:
         """Run until stopped; raises the model's load error if it could not be loaded."""
@@ -211,6 +225,25 @@ class DaemonServer:
                 if self.queue.remove(peer.core.conn_id, job.request_id) is not None:
                     peer.core.job_done(job)
                     peer.send(error_frame(ErrorCode.CANCELLED, "the request was cancelled", job.request_id))
+            case AdapterOp():
+                self.metrics.requests.labels(f"adapter.{action.op}").inc()
+                task = asyncio.create_task(self._adapter_op(peer, action))
+                self._tasks.add(task)  # keep a reference until done, or the loop may drop it
+                task.add_done_callback(self._tasks.discard)
+
+    async def _adapter_op(self, peer: _Peer, op: AdapterOp) -> None:
+        def run() -> None:
+            if op.op == "load":
+                self._ensure_adapter(op.name, op.request_id)
+            elif self.backend is not None:
+                self.backend.unload_adapter(op.name)
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        except DaemonError as exc:
+            peer.send(error_frame(exc.code, exc.message, op.request_id))
+            return
+        peer.send(dump_frame(Adapters(id=op.request_id, adapters=self._adapters())))
 
     # -- the model thread
 
@@ -263,6 +296,7 @@ class DaemonServer:
                 return keep_going
 
             def generate() -> Any:
+                self._ensure_adapter(job.adapter, job.request_id)
                 request = core.prepare(job, backend.count_tokens, self.config.n_ctx)
                 return backend.generate(request, on_text)
 

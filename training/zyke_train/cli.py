@@ -92,3 +92,59 @@ def _print_rejections(rejections: Sequence[Rejection]) -> None:
         click.echo(f"  {loc:<{w1}}  {rid:<{w2}}  {reason}")
     if len(rejections) > len(shown):
         click.echo(f"  ... and {len(rejections) - len(shown)} more (see --report)")
+
+
+@main.command("export-gguf")
+@click.argument("peft_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="GGUF file to write (default: adapter.gguf inside the adapter directory).")
+@click.option("--arch", default="gemma3", show_default=True, help="llama.cpp architecture of the base model.")
+def export_gguf_cmd(peft_dir: Path, out: Path | None, arch: str) -> None:
+    """Export a PEFT LoRA adapter to a GGUF LoRA for the llama.cpp backend."""
+    from .adapters import export_gguf
+
+    try:
+        click.echo(f"wrote {export_gguf(peft_dir, out, arch)}")
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command("register")
+@click.argument("name")
+@click.argument("peft_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--base", type=click.Path(exists=True, path_type=Path),
+              help="Base model it was trained on: a GGUF file or a checkpoint dir (default: the embedded model).")
+@click.option("--arch", default="gemma3", show_default=True, help="llama.cpp architecture of the base model.")
+def register_cmd(name: str, peft_dir: Path, base: Path | None, arch: str) -> None:
+    """Make an adapter servable by name: copy it, export its GGUF twin, record its base fingerprint."""
+    from .adapters import register
+
+    try:
+        entry = register(name, peft_dir, base, arch)
+    except (ValueError, OSError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"registered {entry.name}: rank {entry.rank}, base {entry.base}, targets {', '.join(entry.targets)}")
+
+
+@main.command("adapters")
+def adapters_cmd() -> None:
+    """List the registered adapters."""
+    from .adapters import default_registry
+
+    entries = default_registry().entries()
+    if not entries:
+        click.echo("no adapters registered (zyke-train register NAME PEFT_DIR)")
+    for name, (root, entry) in sorted(entries.items()):
+        click.echo(f"{name}\trank {entry.rank}\tbase {entry.base}\t{root / name}")
+
+
+@main.command("merge")
+@click.argument("peft_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Checkpoint dir to write.")
+@click.option("--base", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Base checkpoint (default: the embedded model's transformers checkpoint).")
+def merge_cmd(peft_dir: Path, out: Path, base: Path | None) -> None:
+    """Fold an adapter into its base and save a plain transformers checkpoint."""
+    from .adapters import merge
+
+    click.echo(f"wrote {merge(peft_dir, out, base)}")

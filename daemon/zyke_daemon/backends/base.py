@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from zyke.protocol import ModelInfo
@@ -48,6 +49,17 @@ OnText = Callable[[str], bool]
 class Backend(Protocol):
     name: str
     model: ModelInfo
+    #: sha256-based fingerprint of the base weights; adapters trained on another base are refused
+    fingerprint: str
+    #: which of an adapter's files this backend loads: the GGUF export or the PEFT directory
+    adapter_kind: Literal["gguf", "peft"]
+
+    @property
+    def loaded_adapters(self) -> list[str]: ...
+
+    def load_adapter(self, name: str, path: Path) -> None: ...
+
+    def unload_adapter(self, name: str) -> None: ...
 
     def count_tokens(self, text: str) -> int: ...
 

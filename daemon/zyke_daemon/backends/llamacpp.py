@@ -26,6 +26,7 @@ import llguidance.llamacpp
 import numpy as np
 from zyke.protocol import ModelInfo
 
+from ..embedded import sha256_file
 from ..errors import ModelLoadError
 from .base import GenerationRequest, GenerationResult, OnText
 from .decoding import decode
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 class LlamaCppBackend:
     name = "llama.cpp"
+    adapter_kind = "gguf"
 
     def __init__(self, model_path: Path, sha256: str | None = None, n_ctx: int = 4096,
                  n_threads: int | None = None, max_loaded_adapters: int = 8) -> None:
@@ -43,7 +45,9 @@ class LlamaCppBackend:
                                        n_batch=512, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"llama.cpp could not load {model_path}: {exc}") from exc
+        sha256 = sha256 or sha256_file(model_path)
         self.model = ModelInfo(name=model_path.name, sha256=sha256, n_ctx=n_ctx)
+        self.fingerprint = f"sha256:{sha256}"
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
         self._n_vocab = self.llm.n_vocab()
         eot = llama_cpp.llama_vocab_eot(self._vocab)
@@ -98,8 +102,7 @@ class LlamaCppBackend:
             raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {gguf_path}")
         self._adapters[name] = handle
         while len(self._adapters) > self._max_adapters:
-            oldest = next(n for n in self._adapters if n != self._active)
-            self.unload_adapter(oldest)
+            self.unload_adapter(next(iter(self._adapters)))  # least recently used; never the one just loaded
 
     def unload_adapter(self, name: str) -> None:
         handle = self._adapters.pop(name, None)

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from .aio import AsyncClient, AsyncNpc, AsyncReplyStream
 from .client import Client, Npc, ReplyStream
 from .errors import (
+    AdapterRejected,
     AuthenticationError,
     Cancelled,
     ConnectionLost,
@@ -40,6 +41,7 @@ from .response import NpcResponse
 
 __all__ = [
     "AdapterInfo",
+    "AdapterRejected",
     "AsyncClient",
     "AsyncNpc",
     "AsyncReplyStream",

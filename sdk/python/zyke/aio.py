@@ -44,7 +44,9 @@ from .protocol import (
     SERVER_FRAMES,
     AdapterInfo,
     AdapterList,
+    AdapterLoad,
     Adapters,
+    AdapterUnload,
     Cancel,
     Error,
     Frame,
@@ -245,6 +247,14 @@ class AsyncClient:
     async def adapters(self) -> list[AdapterInfo]:
         """The LoRA adapters the daemon can serve (names to pass as ``adapter=``)."""
         return (await self._request(AdapterList(id=self._new_id("a")), Adapters)).adapters
+
+    async def load_adapter(self, name: str) -> list[AdapterInfo]:
+        """Load a registered adapter now rather than on its first line (avoids that line's load delay)."""
+        return (await self._request(AdapterLoad(id=self._new_id("a"), name=name), Adapters)).adapters
+
+    async def unload_adapter(self, name: str) -> list[AdapterInfo]:
+        """Free a loaded adapter; a later line that names it loads it again."""
+        return (await self._request(AdapterUnload(id=self._new_id("a"), name=name), Adapters)).adapters
 
     async def ping(self, timeout: Timeout = DEFAULT) -> None:
         """One round trip to the daemon; raises if it does not answer."""

@@ -75,6 +75,11 @@ class UnknownAdapter(ProtocolError):
     """No LoRA adapter of that name is registered with the daemon (code ``unknown_adapter``)."""
 
 
+class AdapterRejected(ProtocolError):
+    """The adapter exists but the daemon refused to load it (code ``adapter_rejected``): it was trained on
+    another base model, or its files changed since it was registered."""
+
+
 class QueueFull(ProtocolError):
     """Too many requests in flight on this connection (code ``queue_full``); wait for a reply."""
 
@@ -90,6 +95,7 @@ _BY_CODE: dict[str, type[ProtocolError]] = {
     ErrorCode.CANCELLED: Cancelled,
     ErrorCode.UNKNOWN_NPC: UnknownNpc,
     ErrorCode.UNKNOWN_ADAPTER: UnknownAdapter,
+    ErrorCode.ADAPTER_REJECTED: AdapterRejected,
     ErrorCode.QUEUE_FULL: QueueFull,
     ErrorCode.GENERATION_FAILED: GenerationFailed,
     ErrorCode.MODEL_ERROR: GenerationFailed,

@@ -17,6 +17,8 @@ const FRAME_NPC_RESET := "npc.reset"
 const FRAME_NPC_STATE_GET := "npc.state.get"
 const FRAME_NPC_STATE_SET := "npc.state.set"
 const FRAME_ADAPTER_LIST := "adapter.list"
+const FRAME_ADAPTER_LOAD := "adapter.load"
+const FRAME_ADAPTER_UNLOAD := "adapter.unload"
 const FRAME_PING := "ping"
 
 # Frame types the daemon sends.
@@ -41,6 +43,7 @@ const ERROR_UNAUTHORIZED := "unauthorized"
 const ERROR_DUPLICATE_ID := "duplicate_id"
 const ERROR_UNKNOWN_NPC := "unknown_npc"
 const ERROR_UNKNOWN_ADAPTER := "unknown_adapter"
+const ERROR_ADAPTER_REJECTED := "adapter_rejected"
 const ERROR_UNKNOWN_REQUEST := "unknown_request"
 const ERROR_QUEUE_FULL := "queue_full"
 const ERROR_TIMEOUT := "timeout"
@@ -62,6 +65,8 @@ const CLIENT_FRAME_TYPES := [
 	"npc.state.get",
 	"npc.state.set",
 	"adapter.list",
+	"adapter.load",
+	"adapter.unload",
 	"ping",
 ]
 
@@ -88,6 +93,7 @@ const ERROR_CODES := [
 	"duplicate_id",
 	"unknown_npc",
 	"unknown_adapter",
+	"adapter_rejected",
 	"unknown_request",
 	"queue_full",
 	"timeout",

@@ -20,6 +20,8 @@ namespace Zyke
             public const string NpcStateGet = @"npc.state.get";
             public const string NpcStateSet = @"npc.state.set";
             public const string AdapterList = @"adapter.list";
+            public const string AdapterLoad = @"adapter.load";
+            public const string AdapterUnload = @"adapter.unload";
             public const string Ping = @"ping";
             public const string Welcome = @"welcome";
             public const string NpcDefined = @"npc.defined";
@@ -45,6 +47,7 @@ namespace Zyke
             public const string DuplicateId = @"duplicate_id";
             public const string UnknownNpc = @"unknown_npc";
             public const string UnknownAdapter = @"unknown_adapter";
+            public const string AdapterRejected = @"adapter_rejected";
             public const string UnknownRequest = @"unknown_request";
             public const string QueueFull = @"queue_full";
             public const string Timeout = @"timeout";
@@ -61,9 +64,9 @@ namespace Zyke
             public const string Length = @"length";
         }
 
-        public static readonly string[] ClientFrameTypes = new string[] { @"hello", @"npc.define", @"npc.say", @"cancel", @"npc.reset", @"npc.state.get", @"npc.state.set", @"adapter.list", @"ping" };
+        public static readonly string[] ClientFrameTypes = new string[] { @"hello", @"npc.define", @"npc.say", @"cancel", @"npc.reset", @"npc.state.get", @"npc.state.set", @"adapter.list", @"adapter.load", @"adapter.unload", @"ping" };
         public static readonly string[] ServerFrameTypes = new string[] { @"welcome", @"npc.defined", @"reply.delta", @"reply", @"npc.state", @"adapters", @"pong", @"ok", @"error" };
-        public static readonly string[] AllErrorCodes = new string[] { @"bad_json", @"bad_frame", @"unknown_type", @"unsupported_version", @"frame_too_large", @"not_authenticated", @"unauthorized", @"duplicate_id", @"unknown_npc", @"unknown_adapter", @"unknown_request", @"queue_full", @"timeout", @"cancelled", @"generation_failed", @"model_error", @"internal" };
+        public static readonly string[] AllErrorCodes = new string[] { @"bad_json", @"bad_frame", @"unknown_type", @"unsupported_version", @"frame_too_large", @"not_authenticated", @"unauthorized", @"duplicate_id", @"unknown_npc", @"unknown_adapter", @"adapter_rejected", @"unknown_request", @"queue_full", @"timeout", @"cancelled", @"generation_failed", @"model_error", @"internal" };
         public static readonly string[] AllFinishReasons = new string[] { @"stop", @"length" };
     }
 }

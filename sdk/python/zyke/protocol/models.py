@@ -101,6 +101,7 @@ class AdapterInfo(_Model):
     base: str | None = None
     rank: int | None = Field(None, ge=1)
     loaded: bool | None = None
+    targets: list[str] | None = None
 
 
 class ModelInfo(_Model):
@@ -182,6 +183,18 @@ class AdapterList(Frame):
     id: RequestId
 
 
+class AdapterLoad(Frame):
+    type: Literal["adapter.load"] = "adapter.load"
+    id: RequestId
+    name: AdapterName
+
+
+class AdapterUnload(Frame):
+    type: Literal["adapter.unload"] = "adapter.unload"
+    id: RequestId
+    name: AdapterName
+
+
 class Ping(Frame):
     type: Literal["ping"] = "ping"
     id: RequestId
@@ -255,7 +268,8 @@ class Error(Frame):
 
 
 ClientFrame = Annotated[
-    Hello | NpcDefine | NpcSay | Cancel | NpcReset | NpcStateGet | NpcStateSet | AdapterList | Ping,
+    Hello | NpcDefine | NpcSay | Cancel | NpcReset | NpcStateGet | NpcStateSet | AdapterList | AdapterLoad
+    | AdapterUnload | Ping,
     Field(discriminator="type"),
 ]
 ServerFrame = Annotated[
@@ -265,7 +279,8 @@ ServerFrame = Annotated[
 
 CLIENT_FRAMES: dict[str, type[Frame]] = {
     m.model_fields["type"].default: m
-    for m in (Hello, NpcDefine, NpcSay, Cancel, NpcReset, NpcStateGet, NpcStateSet, AdapterList, Ping)
+    for m in (Hello, NpcDefine, NpcSay, Cancel, NpcReset, NpcStateGet, NpcStateSet, AdapterList, AdapterLoad,
+              AdapterUnload, Ping)
 }
 SERVER_FRAMES: dict[str, type[Frame]] = {
     m.model_fields["type"].default: m

@@ -1,0 +1,58 @@
+"""Export, register and merge LoRA adapters: the last step from a trained PEFT adapter to a served one.
+
+Registration goes through the daemon's own registry (``zyke_daemon.adapters``), so what training writes
+is exactly what the daemon checks when it loads: base fingerprint, file hashes, the GGUF twin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from zyke.paths import data_dir
+from zyke_daemon.adapters import AdapterEntry, AdapterRegistry
+from zyke_daemon.lora_gguf import export_peft_to_gguf
+
+
+def default_registry(extra: list[Path] | None = None) -> AdapterRegistry:
+    return AdapterRegistry([data_dir() / "adapters", *(extra or [])])
+
+
+def export_gguf(peft_dir: Path, out: Path | None = None, arch: str = "gemma3") -> Path:
+    return export_peft_to_gguf(peft_dir, out or peft_dir / "adapter.gguf", arch=arch)
+
+
+def register(name: str, peft_dir: Path, base: Path | None = None, arch: str = "gemma3") -> AdapterEntry:
+    """Register an adapter for the daemon, fingerprinted against ``base`` (default: the embedded model)."""
+    from zyke_daemon.embedded import embedded_model_path, sha256_file
+
+    if base is None:
+        path, sha = embedded_model_path()
+        return default_registry().register(name, peft_dir, f"sha256:{sha}", base_name=path.name, arch=arch)
+    fingerprint = _fingerprint(base) if base.is_dir() else f"sha256:{sha256_file(base)}"
+    return default_registry().register(name, peft_dir, fingerprint, base_name=base.name, arch=arch)
+
+
+def merge(peft_dir: Path, out: Path, base: Path | None = None) -> Path:
+    """Fold an adapter into its base weights (PEFT merge_and_unload) and save a plain checkpoint."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = base or _embedded_checkpoint()
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(peft_dir)).merge_and_unload()
+    merged.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out))
+    return out
+
+
+def _embedded_checkpoint() -> Path:
+    from zyke_daemon.hf_checkpoint import embedded_hf_checkpoint
+
+    return embedded_hf_checkpoint()
+
+
+def _fingerprint(path: Path) -> str:
+    from zyke_daemon.hf_checkpoint import base_fingerprint
+
+    return base_fingerprint(path)
