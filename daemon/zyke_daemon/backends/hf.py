@@ -234,7 +234,12 @@ class TransformersBackend:
         with self._lock:
             if self._adapters.pop(name, None) is None:
                 return
-            self.lm.delete_adapter(name)
+            if self._adapters:
+                self.lm.delete_adapter(name)
+            else:
+                # PEFT cannot run a PeftModel whose last adapter was deleted (it looks up the active adapter's
+                # config); take the LoRA layers out instead, leaving the plain base model as it was loaded.
+                self.lm = self.lm.unload()
 
     @contextmanager
     def _using(self, name: str | None) -> Iterator[None]:
