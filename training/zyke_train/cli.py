@@ -148,3 +148,108 @@ def merge_cmd(peft_dir: Path, out: Path, base: Path | None) -> None:
     from .adapters import merge
 
     click.echo(f"wrote {merge(peft_dir, out, base)}")
+
+
+# -- data preparation: prepare, blocks, publish (logic in prepare.py, blocks.py, publish.py)
+
+
+@main.command("prepare")
+@click.option("--hub", "hub", multiple=True, metavar="NAME[:CONFIG][:SPLIT]",
+              help="Hugging Face dataset to stream (e.g. openwebtext, wikipedia:20231101.en:train); repeatable.")
+@click.option("--local", "local", multiple=True, metavar="PATH",
+              help="File or folder of .txt, .md, .jsonl (a text field) and .epub files; repeatable.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: JSONL shards, manifest.json, state.json (for resuming).")
+@click.option("--weights", default=None, metavar="W1,W2,...|NAME=W,...",
+              help="Share of --max-total per source: --hub sources first, then --local, or NAME=W pairs.")
+@click.option("--max-total", default=None, metavar="CHARS",
+              help="Cap on kept text in characters over all sources (5000000, 5M); split by --weights.")
+@click.option("--lang", default="en", show_default=True, help="Keep only this language (ISO 639-1); 'any': off.")
+@click.option("--profile", "profiles", multiple=True, metavar="SOURCE=web|books|dialogue",
+              help="Quality thresholds for a source (default: web for --hub, books for --local).")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text in JSONL/Hub rows.")
+@click.option("--minhash-threshold", type=float, default=0.8, show_default=True,
+              help="Jaccard similarity (5-word shingles) from which a document counts as a near-duplicate.")
+@click.option("--minhash-perms", type=int, default=128, show_default=True, help="MinHash permutations.")
+@click.option("--shard-size", type=int, default=10_000, show_default=True, help="Rows per output shard.")
+@click.option("--force", is_flag=True, help="Start over in an --out that holds a run with other arguments.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def prepare_cmd(ctx: click.Context, hub: tuple[str, ...], local: tuple[str, ...], out: Path, weights: str | None,
+                max_total: str | None, lang: str, profiles: tuple[str, ...], text_field: str,
+                minhash_threshold: float, minhash_perms: int, shard_size: int, force: bool, quiet: bool) -> None:
+    """Build a cleaned, language-filtered, near-deduplicated text corpus (resumable; see training/PREPARE.md)."""
+    from .prepare import PrepareError, Settings, make_sources, parse_size, prepare
+
+    try:
+        sources = make_sources(list(hub), list(local), weights, list(profiles), text_field)
+        settings = Settings(lang=None if lang.lower() in ("any", "") else lang, max_total=parse_size(max_total),
+                            shard_size=shard_size, minhash_threshold=minhash_threshold, num_perm=minhash_perms)
+        manifest = prepare(sources, out, settings, force=force, progress=not quiet)
+    except PrepareError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(2)
+    if manifest.get("already_done"):
+        click.echo(f"nothing new: every source in {out} was already finished")
+    for name, entry in manifest["sources"].items():
+        counts = entry["counts"]
+        drops = ", ".join(f"{k.removeprefix('dropped_')} {v}" for k, v in counts.items() if k.startswith("dropped"))
+        click.echo(f"{name}: read {counts.get('read', 0)}, kept {counts.get('kept', 0)}"
+                   f" ({counts.get('kept_chars', 0)} chars){'; dropped ' + drops if drops else ''}")
+    totals = manifest["totals"]
+    click.echo(f"total: kept {totals.get('kept', 0)} rows in {len(manifest['shards'])} shards "
+               f"({manifest['new_rows']} new); manifest {out / 'manifest.json'}")
+
+
+@main.command("blocks")
+@click.argument("prepared", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: blocks-NNNNN.safetensors + manifest.json.")
+@click.option("--tokenizer", default=None, help="Tokenizer or checkpoint folder (default: the embedded model's).")
+@click.option("--block-size", type=int, default=512, show_default=True, help="Tokens per block.")
+@click.option("--blocks-per-shard", type=int, default=4096, show_default=True)
+@click.option("--no-bos", is_flag=True, help="Do not start each document with BOS.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def blocks_cmd(ctx: click.Context, prepared: Path, out: Path, tokenizer: str | None, block_size: int,
+               blocks_per_shard: int, no_bos: bool, quiet: bool) -> None:
+    """Tokenize a prepared corpus into fixed-length int32 blocks (safetensors shards + manifest)."""
+    from .blocks import BlocksError, make_blocks
+
+    try:
+        manifest = make_blocks(prepared, out, tokenizer, block_size, blocks_per_shard, bos=not no_bos,
+                               progress=not quiet)
+    except BlocksError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(2)
+    click.echo(f"{manifest['counts']['rows']} rows, {manifest['counts']['documents']} documents -> "
+               f"{manifest['blocks']} blocks of {block_size} tokens in {len(manifest['shards'])} shards "
+               f"({manifest['dropped_tail_tokens']} tail tokens dropped); manifest {out / 'manifest.json'}")
+
+
+@main.command("publish")
+@click.argument("adapter")
+@click.option("--repo-id", required=True, metavar="ORG/NAME", help="Hub model repo to create or update.")
+@click.option("--eval-report", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Evaluation report JSON for the card (default: eval_report.json in the adapter's folder).")
+@click.option("--base-model", default=None, metavar="HUB_ID", help="base_model for the card's metadata.")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--dry-run", is_flag=True, help="Only write the folder that would be uploaded and list it.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to build the upload folder (default: ./publish-ADAPTER).")
+def publish_cmd(adapter: str, repo_id: str, eval_report: Path | None, base_model: str | None, private: bool,
+                dry_run: bool, out: Path | None) -> None:
+    """Push a registered adapter (PEFT files, GGUF twin, model card) to the Hugging Face Hub."""
+    from .publish import PublishError, build_folder, upload
+
+    folder = out or Path(f"publish-{adapter}")
+    try:
+        files = build_folder(adapter, folder, repo_id, eval_report, base_model)
+        for f in files:
+            click.echo(f"{f}\t{f.stat().st_size} bytes")
+        if dry_run:
+            click.echo(f"dry run: {len(files)} files in {folder} would be uploaded to {repo_id}")
+            return
+        click.echo(f"uploaded: {upload(folder, repo_id, private=private)}")
+    except PublishError as exc:
+        raise click.ClickException(str(exc)) from exc
