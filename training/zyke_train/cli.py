@@ -253,3 +253,99 @@ def publish_cmd(adapter: str, repo_id: str, eval_report: Path | None, base_model
         click.echo(f"uploaded: {upload(folder, repo_id, private=private)}")
     except PublishError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@main.group("trainer")
+def trainer_group() -> None:
+    """The shared (federated) trainer: rounds of FFA-LoRA updates from contributing workers."""
+
+
+@trainer_group.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="TRAINER_HOST",
+              help="Interface to bind; anything but loopback exposes the trainer to the network.")
+@click.option("--port", default=8731, show_default=True, envvar="TRAINER_PORT", help="Port (0: any free one).")
+@click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the bound port here once listening (for --port 0).")
+@click.option("--checkpoint-dir", required=True, envvar="CHECKPOINT_DIR",
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Checkpoints, accepted updates and the round journal.")
+@click.option("--base", envvar="TRAINER_BASE", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Base transformers checkpoint (default: the embedded model's).")
+@click.option("--data", required=True, envvar="TRAINER_DATA",
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="JSONL of NPC rows or rendered {prompt, completion} examples handed out in tasks.")
+@click.option("--token", "tokens", multiple=True, envvar="TRAINER_TOKENS",
+              help="A worker token (repeat; the env var takes them space-separated).")
+@click.option("--num-tasks-per-round", default=2, show_default=True, envvar="NUM_TASKS_PER_ROUND",
+              type=click.IntRange(1))
+@click.option("--round-timeout-sec", default=600.0, show_default=True, envvar="ROUND_TIMEOUT_SEC", type=float)
+@click.option("--min-updates-per-round", default=1, show_default=True, envvar="MIN_UPDATES_PER_ROUND",
+              type=click.IntRange(1))
+@click.option("--tick-interval-sec", default=5.0, show_default=True, envvar="TICK_INTERVAL_SEC", type=float)
+@click.option("--max-staleness", default=2, show_default=True, envvar="MAX_STALENESS", type=click.IntRange(0))
+@click.option("--delta-norm-max", default=10.0, show_default=True, envvar="DELTA_NORM_MAX", type=float)
+@click.option("--max-body-bytes", default=64 << 20, show_default=True, envvar="MAX_BODY_BYTES", type=click.IntRange(1))
+@click.option("--aggregation", default="mean", show_default=True, envvar="AGGREGATION",
+              type=click.Choice(["mean", "trimmed_mean", "median"]))
+@click.option("--trim-fraction", default=0.1, show_default=True, envvar="TRIM_FRACTION", type=float)
+@click.option("--server-lr", default=1.0, show_default=True, envvar="SERVER_LR", type=float)
+@click.option("--rank", default=4, show_default=True, envvar="LORA_R", type=click.IntRange(1))
+@click.option("--alpha", default=8.0, show_default=True, envvar="LORA_ALPHA", type=float)
+@click.option("--target-modules", default="q_proj,v_proj", show_default=True, envvar="TARGET_MODULES")
+@click.option("--seed", default=0, show_default=True, envvar="SEED", help="Seed of the frozen LoRA A matrices.")
+@click.option("--examples-per-task", default=8, show_default=True, envvar="EXAMPLES_PER_TASK", type=click.IntRange(1))
+@click.option("--local-steps", default=2, show_default=True, envvar="LOCAL_STEPS", type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, envvar="LOCAL_LR", type=float)
+@click.option("--max-seq-len", default=256, show_default=True, envvar="MAX_SEQ_LEN", type=click.IntRange(8))
+@click.option("--adapter-name", default="zyke-shared", show_default=True, envvar="ADAPTER_NAME",
+              help="Name each new version is registered under for the daemon ('' to skip registering).")
+def trainer_serve_cmd(host: str, port: int, port_file: Path | None, base: Path | None, tokens: tuple[str, ...],
+                      target_modules: str, adapter_name: str, **settings: object) -> None:
+    """Serve the shared trainer over HTTP (FastAPI; OpenAPI description at /openapi.json)."""
+    import logging
+    import socket
+
+    import uvicorn
+
+    from .federated.server import TrainerConfig, create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if base is None:
+        from zyke_daemon.hf_checkpoint import embedded_hf_checkpoint
+
+        base = embedded_hf_checkpoint()
+    split = [t for value in tokens for t in value.split()]
+    try:
+        config = TrainerConfig(base=base, tokens=split, target_modules=[m for m in target_modules.split(",") if m],
+                               adapter_name=adapter_name or None, **settings)  # type: ignore[arg-type]
+        app = create_app(config)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    if port_file is not None:
+        port_file.write_text(str(bound))
+    click.echo(f"trainer listening on http://{host}:{bound} (version {app.state.trainer.store.version})")
+    uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
+
+
+@main.command("contribute")
+@click.option("--trainer-url", required=True, envvar="ZYKE_TRAINER_URL", help="e.g. http://127.0.0.1:8731")
+@click.option("--num-tasks", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--token", envvar="ZYKE_TRAINER_TOKEN", help="Worker token from the trainer's operator.")
+@click.option("--base", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Local copy of the trainer's base checkpoint (default: the embedded model's).")
+def contribute_cmd(trainer_url: str, num_tasks: int, token: str | None, base: Path | None) -> None:
+    """Train tasks from a shared trainer locally and send back the updates (FFA-LoRA ΔB)."""
+    from .federated.worker import ContributeError, contribute
+
+    try:
+        outcomes = contribute(trainer_url, token, num_tasks, base, on_event=click.echo)
+    except ContributeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    done = sum(o.status in ("accepted", "duplicate") for o in outcomes)
+    click.echo(f"done: {done}/{len(outcomes)} updates accepted")
+    if done < len(outcomes):
+        raise SystemExit(1)
