@@ -88,6 +88,8 @@ PROFILES: dict[str, Profile] = {
 }
 
 _WORD = re.compile(r"\w+")
+_SPACE = re.compile(r"\s+")
+_NOT_ALNUM = re.compile(r"[\W_]+")  # what is left is letters and digits (Unicode), as str.isalnum counts them
 
 
 def quality_reject(text: str, profile: Profile) -> str | None:
@@ -97,8 +99,8 @@ def quality_reject(text: str, profile: Profile) -> str | None:
         return "too_short"
     if len(words) > profile.max_words:
         return "too_long"
-    visible = [c for c in text if not c.isspace()]
-    if sum(c.isalnum() for c in visible) < profile.min_alnum_ratio * len(visible):
+    visible = len(_SPACE.sub("", text))
+    if len(_NOT_ALNUM.sub("", text)) < profile.min_alnum_ratio * visible:
         return "alnum_ratio"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if len(lines) > 1 and (len(lines) - len(set(lines))) > profile.max_repeated_line_ratio * len(lines):
@@ -175,10 +177,12 @@ class Deduper:
         self.num_perm = num_perm
         self.params = lsh_params(threshold, num_perm)
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, params=self.params)
+        # Drawing the permutations costs more than hashing a paragraph: draw them once, share them.
+        self._perms = MinHash(num_perm=num_perm, seed=MINHASH_SEED, scheme=MINHASH_SCHEME).permutations
         self._sigs: dict[str, Any] = {}
 
     def signature(self, text: str) -> Any:
-        m = self._minhash(num_perm=self.num_perm, seed=MINHASH_SEED, scheme=MINHASH_SCHEME)
+        m = self._minhash(num_perm=self.num_perm, seed=MINHASH_SEED, permutations=self._perms, scheme=MINHASH_SCHEME)
         m.update_batch(list(shingles(text)))
         return m
 
@@ -193,7 +197,7 @@ class Deduper:
         """Re-insert signatures an earlier run saved (resume)."""
         for i, row in enumerate(hashvalues):
             self.add(f"{prefix}/{i}", self._minhash(num_perm=self.num_perm, seed=MINHASH_SEED, hashvalues=row,
-                                                      scheme=MINHASH_SCHEME))
+                                                      permutations=self._perms, scheme=MINHASH_SCHEME))
 
 
 # -- sources
