@@ -48,11 +48,14 @@ def cli() -> None:
 @click.option("--threads", "n_threads", type=int, help="CPU threads for llama.cpp.")
 @click.option("--allow-origin", "allowed_origins", multiple=True,
               help="A browser Origin allowed to connect (repeatable). Browsers are refused otherwise.")
+@click.option("--adapter-dir", "adapter_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="Another directory with a manifest.json of LoRA adapters (repeatable).")
 @click.option("--detach", is_flag=True, help="Run in the background and return once the model is ready.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
 def start(detach: bool, **flags: Any) -> None:
     """Start the daemon (config: flags > ZYKE_* env vars > daemon.toml in the config dir)."""
     flags["allowed_origins"] = flags["allowed_origins"] or None
+    flags["adapter_dirs"] = flags["adapter_dirs"] or None
     try:
         config = load_config(flags)
     except ValueError as exc:
