@@ -75,7 +75,7 @@ def make_epub(path: Path, paragraphs: list[str]) -> Path:
         z.writestr("OEBPS/content.opf", (
             '<?xml version="1.0"?><package xmlns="http://www.idpf.org/2007/opf" version="3.0">'
             '<manifest><item id="c2" href="text/ch2.xhtml" media-type="application/xhtml+xml"/>'
-            '<item id="c1" href="text/ch1.xhtml" media-type="application/xhtml+xml"/></manifest>'
+            '<item id="c1" href="text/chapter%201.xhtml" media-type="application/xhtml+xml"/></manifest>'
             '<spine><itemref idref="c1"/><itemref idref="c2"/></spine></package>'))
 
         def chapter(title: str, paras: list[str]) -> str:
@@ -83,7 +83,7 @@ def make_epub(path: Path, paragraphs: list[str]) -> Path:
             return (f'<html xmlns="http://www.w3.org/1999/xhtml"><head><title>{title}</title>'
                     f"<style>p {{ margin: 0 }}</style></head><body><h1>{title}</h1>{body}</body></html>")
 
-        z.writestr("OEBPS/text/ch1.xhtml", chapter("Chapter One", paragraphs[:1]))
+        z.writestr("OEBPS/text/chapter 1.xhtml", chapter("Chapter One", paragraphs[:1]))
         z.writestr("OEBPS/text/ch2.xhtml", chapter("Chapter Two", paragraphs[1:]))
     return path
 
@@ -346,3 +346,31 @@ def test_publish_dry_run_writes_card_and_files(tmp_path: Path, monkeypatch: pyte
     assert failed.exit_code == 1 and "no Hugging Face token" in failed.output
     unknown = CliRunner().invoke(main, ["publish", "nope", "--repo-id", "a/b", "--dry-run", "--out", str(folder)])
     assert unknown.exit_code == 1 and "no adapter named 'nope'" in unknown.output
+
+
+def test_hub_stream_that_breaks_mid_way_resumes(tmp_path: Path) -> None:
+    """A stream that dies (network) ends with a clear error; the re-run keeps the flushed shards and goes on."""
+    from zyke_train.prepare import PrepareError
+
+    paras = [EN1, EN2, EN3, EN4, EN5]
+    texts = [f"{paras[a]} {paras[b]}" for a in range(5) for b in range(a + 1, 5)][:8]  # Jaccard <= ~0.5 apart
+
+    def loader(fail_at: int | None) -> Any:
+        def load(name: str, config: str | None, split: str) -> Any:
+            assert (name, config, split) == ("org/tales", None, "train")
+            for i, t in enumerate(texts):
+                if i == fail_at:
+                    raise ConnectionError("connection reset by peer")
+                yield {"text": t}
+        return load
+
+    sources = make_sources(["org/tales"], [], None, [], "text")
+    settings = Settings(shard_size=2)
+    out, full = tmp_path / "out", tmp_path / "full"
+    with pytest.raises(PrepareError, match=r"failed at row 5: connection reset.*Re-run"):
+        prepare(sources, out, settings, hub=loader(5), progress=False)
+    assert sorted(p.name for p in out.glob("*.jsonl")) == ["org_tales-00000.jsonl", "org_tales-00001.jsonl"]
+    resumed = prepare(sources, out, settings, hub=loader(None), progress=False)
+    assert resumed["new_rows"] == 4  # rows 4..7; rows 0..3 were in the two shards written before the failure
+    prepare(sources, full, settings, hub=loader(None), progress=False)
+    assert read_rows(out) == read_rows(full) and [r["text"] for r in read_rows(out)] == texts

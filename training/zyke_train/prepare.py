@@ -23,10 +23,10 @@ MinHash signatures of kept rows beside it, so a re-run with the same arguments r
 from __future__ import annotations
 
 import hashlib
-import html
 import itertools
 import json
 import os
+import posixpath
 import re
 import unicodedata
 import xml.etree.ElementTree as ET
@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from html.parser import HTMLParser
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -248,10 +249,19 @@ def hub_loader(name: str, config: str | None, split: str) -> Iterable[dict[str, 
 
 def iter_hub(source: Source, loader: HubLoader | None = None) -> Iterator[Doc]:
     name, config, split = parse_hub_spec(source.spec)
-    rows = (loader or hub_loader)(name, config, split)
-    for i, row in enumerate(rows):
-        text = row.get(source.text_field)
+    rows = iter((loader or hub_loader)(name, config, split))
+    i = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as exc:  # a dropped connection mid-stream: what was flushed is kept, the rest resumes
+            raise PrepareError(f"reading {source.spec!r} failed at row {i}: {exc}. Re-run the same command to "
+                               "resume from the last finished shard.") from exc
+        text = row.get(source.text_field) if isinstance(row, dict) else None
         yield (text if isinstance(text, str) else ""), f"{source.name}#{i}"
+        i += 1
 
 
 def local_files(path: Path) -> list[Path]:
@@ -386,8 +396,9 @@ def _epub_spine(z: zipfile.ZipFile) -> list[str]:
     base = PurePosixPath(opf_path).parent
     items = {el.get("id"): el.get("href") for el in opf.iter() if el.tag.endswith("item")}
     spine = [items.get(el.get("idref")) for el in opf.iter() if el.tag.endswith("itemref")]
-    paths = [str(base / html.unescape(href)) if str(base) != "." else html.unescape(href) for href in spine if href]
-    return [p for p in paths if p in names]
+    # hrefs are URLs relative to the OPF: percent-decoded, may climb with "../", may carry a #fragment
+    paths = [posixpath.normpath(posixpath.join(str(base), unquote(href.split("#")[0]))) for href in spine if href]
+    return [p for p in dict.fromkeys(paths) if p in names]
 
 
 def _normalize(text: str) -> str:
