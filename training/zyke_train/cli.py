@@ -155,7 +155,7 @@ def merge_cmd(peft_dir: Path, out: Path, base: Path | None) -> None:
 
 @main.command("prepare")
 @click.option("--hub", "hub", multiple=True, metavar="NAME[:CONFIG][:SPLIT]",
-              help="Hugging Face dataset to stream (e.g. openwebtext, wikipedia:20231101.en:train); repeatable.")
+              help="Hub dataset to stream, e.g. Skylion007/openwebtext, wikimedia/wikipedia:20231101.en; repeatable.")
 @click.option("--local", "local", multiple=True, metavar="PATH",
               help="File or folder of .txt, .md, .jsonl (a text field) and .epub files; repeatable.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
