@@ -25,6 +25,8 @@ SMITH = {"id": "brom", "name": "Brom", "persona": "A grumpy dwarf blacksmith who
 GUARD = {"id": "guard", "name": "Hilda", "persona": "A stern city guard at the north gate.",
          "actions": ["allow_entry", "deny_entry", "arrest"], "emotions": ["calm", "suspicious"]}
 SHORT = {"max_tokens": 32}
+#: Generous: requests queue behind each other on one model thread, and a loaded 2-core CI box is slow.
+REQUEST_WAIT_S = 400
 
 
 class Conn:
@@ -52,7 +54,7 @@ class Conn:
         done = asyncio.get_running_loop().create_future()
         self.waiters[rid] = done
         await self.ws.send(text)
-        await asyncio.wait_for(done, 120)
+        await asyncio.wait_for(done, REQUEST_WAIT_S)
         return self.by_id.pop(rid)
 
 
