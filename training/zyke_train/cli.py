@@ -150,6 +150,92 @@ def merge_cmd(peft_dir: Path, out: Path, base: Path | None) -> None:
     click.echo(f"wrote {merge(peft_dir, out, base)}")
 
 
+def _load_yaml_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    """``--config file.yaml``: its keys become the command's defaults, so any flag given on the command line
+    wins. Keys may be spelled like the flags (``lora-r``) or like Python (``lora_r``)."""
+    if value is None:
+        return None
+    try:
+        import yaml
+    except ImportError as exc:
+        raise click.BadParameter("reading a YAML config needs pyyaml: pip install pyyaml") from exc
+    try:
+        data = yaml.safe_load(value.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value} must hold a mapping of option names to values")
+    names = {p.name for p in ctx.command.params}
+    defaults: dict[str, object] = {}
+    for key, val in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise click.BadParameter(f"{value}: unknown option {key!r}")
+        if name == "lora_target_modules" and isinstance(val, list):
+            val = ",".join(map(str, val))
+        defaults[name] = val
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+@main.command("train")
+@click.option("--config", type=click.Path(dir_okay=False, exists=True, path_type=Path), is_eager=True,
+              expose_value=False, callback=_load_yaml_config, help="YAML file of options (flags win over it).")
+@click.option("--data", "data", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Training JSONL: dataset rows or rendered {prompt, completion}; repeatable.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Checkpoints, the final adapter (OUTPUT_DIR/adapter) and train_log.json go here.")
+@click.option("--model", default=None, help="HF model name or checkpoint dir (default: the embedded Gemma 3 270M).")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Peak learning rate (warmup, then cosine).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Examples per micro-batch.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--max-length", type=int, default=512, show_default=True,
+              help="Tokens per example; longer prompts lose their oldest tokens.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-every", type=int, default=50, show_default=True, help="Checkpoint every N steps.")
+@click.option("--keep-checkpoints", type=int, default=2, show_default=True)
+@click.option("--resume-latest", is_flag=True, help="Continue from the newest checkpoint in --output-dir.")
+@click.option("--warmup-ratio", type=float, default=0.05, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--lora-alpha", type=float, default=32.0, show_default=True)
+@click.option("--lora-dropout", type=float, default=0.05, show_default=True)
+@click.option("--lora-target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+              show_default=True, help="Comma-separated module names.")
+@click.option("--lora-layers", type=int, default=None,
+              help="Adapt only the last N blocks (cheaper backward on a CPU; default: all).")
+@click.option("--qlora", is_flag=True, help="Load the base in 4-bit NF4 (bitsandbytes; CUDA only).")
+@click.option("--log-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--adapter-name", default=None, help="Register the result for the daemon under this name.")
+@click.option("--hf-push", "hf_push", default=None, metavar="REPO", help="Upload the adapter to this Hub repo.")
+def train_cmd(data: tuple[Path, ...], output_dir: Path, adapter_name: str | None, hf_push: str | None,
+              lora_target_modules: str, **options: object) -> None:
+    """LoRA fine-tuning with completion-only loss; checkpoints are resumable and pickle-free."""
+    from .train import TrainConfig, TrainError, iter_loss_lines, push_to_hub, register_adapter, train
+
+    if not data:
+        raise click.UsageError("give at least one --data file (or `data:` in --config)")
+    targets = [t.strip() for t in lora_target_modules.split(",") if t.strip()]
+    config = TrainConfig(data=[str(p) for p in data], output_dir=str(output_dir), lora_target_modules=targets,
+                         **options)  # type: ignore[arg-type]
+    try:
+        result = train(config, on_log=click.echo)
+        for line in iter_loss_lines(result.losses):
+            click.echo(line)
+        click.echo(f"trained {result.steps} steps in {result.seconds:.0f} s "
+                   f"({result.tokens / max(result.seconds, 1e-9):.0f} tokens/s); adapter: {result.adapter_dir}")
+        if adapter_name:
+            entry = register_adapter(adapter_name, result.adapter_dir, config.model)
+            click.echo(f"registered {entry.name} (base {entry.base}): the daemon serves it by name")
+        if hf_push:
+            click.echo(f"pushed to {push_to_hub(hf_push, result.adapter_dir)}")
+    except TrainError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 # -- data preparation: prepare, blocks, publish (logic in prepare.py, blocks.py, publish.py)
 
 
@@ -349,3 +435,84 @@ def contribute_cmd(trainer_url: str, num_tasks: int, token: str | None, base: Pa
     click.echo(f"done: {done}/{len(outcomes)} updates accepted")
     if done < len(outcomes):
         raise SystemExit(1)
+
+
+@main.command("evaluate")
+@click.option("--npc", "npc_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="NPC scenarios (dataset rows, e.g. training/data/npc_heldout.jsonl), served by the daemon backend.")
+@click.option("--adapter", "adapters", multiple=True,
+              help="Registered adapter name to compare with the base model; repeatable.")
+@click.option("--no-base", is_flag=True, help="Skip the base model (adapters only).")
+@click.option("--baseline", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Reuse the base model's NPC results from an earlier report (same scenarios and backend).")
+@click.option("--backend", type=click.Choice(["llama.cpp", "transformers"]), default="llama.cpp", show_default=True,
+              help="The daemon backend to serve the scenarios with.")
+@click.option("--model", default=None, help="Base model (default: the embedded model).")
+@click.option("--max-tokens", type=int, default=96, show_default=True, help="Per reply, as the daemon's default.")
+@click.option("--limit", type=int, default=None, help="Use only the first N scenarios / texts.")
+@click.option("--perplexity", "ppl_sources", multiple=True,
+              help="A local .txt/.jsonl file, or wikitext2, wikitext103, c4, lambada (needs `datasets` and the net).")
+@click.option("--lm-eval-tasks", default=None, help="Comma-separated lm-evaluation-harness tasks (needs lm_eval).")
+@click.option("--threads", type=int, default=None, help="CPU threads for the backend.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the full JSON report here.")
+def evaluate_cmd(npc_file: Path | None, adapters: tuple[str, ...], no_base: bool, baseline: Path | None,
+                 backend: str, model: str | None,
+                 max_tokens: int, limit: int | None, ppl_sources: tuple[str, ...], lm_eval_tasks: str | None,
+                 threads: int | None, report_path: Path | None) -> None:
+    """Compare the base model and registered adapters: NPC scenarios, perplexity, lm-eval tasks."""
+    import sys
+
+    from . import evaluate as ev
+
+    if not (npc_file or ppl_sources or lm_eval_tasks):
+        raise click.UsageError("nothing to evaluate: give --npc, --perplexity or --lm-eval-tasks")
+    names: list[str | None] = ([] if no_base else [None]) + list(adapters)
+    npc_names = [n for n in names if n is not None] if baseline else names
+    report: dict[str, object] = {"created": ev.timestamp(), "models": [n or "base" for n in names]}
+    try:
+        if npc_file is not None:
+            scenarios = ev.load_scenarios(npc_file, limit)
+            with click.progressbar(length=len(scenarios) * len(npc_names), label="scenarios",
+                                   file=sys.stderr) as bar:
+                npc = ev.run_npc_eval(scenarios, npc_names, backend, model, max_tokens, threads,
+                                      progress=lambda *_: bar.update(1))
+            if baseline is not None:
+                npc = ev.merge_baseline(npc, json.loads(baseline.read_text(encoding="utf-8")), str(npc_file))
+            report["npc"] = {"scenarios_file": str(npc_file), **npc}
+            click.echo(f"NPC evaluation: {len(scenarios)} scenarios from {npc_file}, backend {backend}")
+            click.echo(ev.format_table(npc))
+        if ppl_sources:
+            ppl: dict[str, object] = {}
+            for source in ppl_sources:
+                try:
+                    pairs, kind = ev.read_texts(source, limit)
+                except ev.EvalError as exc:
+                    click.echo(str(exc))
+                    ppl[source] = {"skipped": str(exc)}
+                    continue
+                for name in names:
+                    peft = ev.peft_dir_for(name) if name else None
+                    result = ev.perplexity(pairs, model, peft) | {"scored": kind}
+                    ppl.setdefault(source, {})[name or "base"] = result  # type: ignore[index]
+                    click.echo(f"perplexity {source} [{name or 'base'}]: {result['perplexity']} "
+                               f"over {result['tokens']} {kind} tokens")
+            report["perplexity"] = ppl
+        if lm_eval_tasks:
+            tasks = [t.strip() for t in lm_eval_tasks.split(",") if t.strip()]
+            results: dict[str, object] = {}
+            for name in names:
+                try:
+                    results[name or "base"] = ev.run_lm_eval(tasks, model, ev.peft_dir_for(name) if name else None,
+                                                             limit)
+                except ev.EvalError as exc:
+                    click.echo(str(exc))
+                    results = {"skipped": str(exc)}
+                    break
+            report["lm_eval"] = results
+    except ev.EvalError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if report_path is not None:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        click.echo(f"report: {report_path}")
