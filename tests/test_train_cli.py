@@ -77,6 +77,22 @@ def test_config_file_rejects_unknown_keys(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no_such_option" in result.output
 
 
+def test_unavailable_options_fail_clearly(tmp_path: Path) -> None:
+    import importlib.util
+
+    import torch
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(TRAIN.read_text().splitlines(keepends=True)[0])
+    base = ["train", "--data", str(rows), "--output-dir", str(tmp_path / "o"), "--max-steps", "1"]
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(main, [*base, "--qlora"])
+        assert result.exit_code == 1 and "--qlora needs a CUDA GPU" in result.output
+    if importlib.util.find_spec("tensorboard") is None:
+        result = CliRunner().invoke(main, [*base, "--log-to", "tensorboard"])
+        assert result.exit_code == 1 and "pip install tensorboard" in result.output
+
+
 # -- the real thing, tiny
 
 

@@ -333,14 +333,15 @@ def load_model(config: TrainConfig, device_type: str) -> tuple[Any, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model(config.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    kwargs: dict[str, Any] = {}
-    if config.qlora:
+    if config.qlora:  # checked before anything slow is loaded
         if device_type != "cuda" or not torch.cuda.is_available():
             raise TrainError("--qlora needs a CUDA GPU (bitsandbytes 4-bit training); on a CPU train plain LoRA")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise TrainError("--qlora needs bitsandbytes: pip install 'zyke[gpu]'")
+    path = resolve_model(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs: dict[str, Any] = {}
+    if config.qlora:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
