@@ -482,6 +482,9 @@ def evaluate_cmd(npc_file: Path | None, adapters: tuple[str, ...], no_base: bool
             report["npc"] = {"scenarios_file": str(npc_file), **npc}
             click.echo(f"NPC evaluation: {len(scenarios)} scenarios from {npc_file}, backend {backend}")
             click.echo(ev.format_table(npc))
+            if report_path is not None:  # written now too, so a slow perplexity run cannot lose these results
+                report_path.parent.mkdir(parents=True, exist_ok=True)
+                report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if ppl_sources:
             ppl: dict[str, object] = {}
             for source in ppl_sources:

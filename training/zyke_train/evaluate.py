@@ -352,8 +352,14 @@ def perplexity(pairs: Sequence[tuple[str, str]], model_dir: str | None, peft_dir
                 labels[0, : max(end_prev, first_target) - begin] = -100  # score each target token once
                 n = int((labels[0, 1:] != -100).sum())
                 if n:
-                    loss = model(input_ids=window, labels=labels).loss
-                    nll += float(loss) * n
+                    # Only the scored suffix needs logits: the 262k-token output layer over a whole prompt
+                    # would cost more than the rest of the model.
+                    first = int((labels[0] != -100).nonzero()[0])
+                    keep = min(window.shape[1], window.shape[1] - max(first, 1) + 1)
+                    logits = model(input_ids=window, logits_to_keep=keep).logits[0, :-1].float()
+                    targets = labels[0, window.shape[1] - keep + 1:]
+                    nll += float(torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100,
+                                                                   reduction="sum"))
                     count += n
                 end_prev = end
                 if end == len(ids):
