@@ -33,5 +33,6 @@ def game_name(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def client(daemon: DaemonProcess, request: pytest.FixtureRequest) -> Iterator[Client]:
     """A sync SDK client on the shared daemon, in a game namespace of the test's own."""
-    with Client(daemon.url, daemon.token, game=game_name(request)) as c:
+    # a generous timeout: on a loaded 2-core CI box a queued reply can wait minutes (seen: 60 s exceeded)
+    with Client(daemon.url, daemon.token, game=game_name(request), timeout=300) as c:
         yield c

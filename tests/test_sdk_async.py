@@ -27,7 +27,7 @@ def assert_valid(reply: NpcResponse, npc: AsyncNpc) -> None:
 @pytest.mark.slow
 def test_async_say_stream_and_concurrency(daemon: DaemonProcess, request: pytest.FixtureRequest) -> None:
     async def main() -> None:
-        async with AsyncClient(daemon.url, daemon.token, game=game_name(request)) as client:
+        async with AsyncClient(daemon.url, daemon.token, game=game_name(request), timeout=300) as client:
             brom = await define(client)
             mira = await client.npc("mira", persona="A cheerful elf innkeeper.", actions=["none", "serve"],
                                     emotions=["happy", "curious"], options={"max_tokens": 16})
@@ -57,7 +57,7 @@ def test_async_say_stream_and_concurrency(daemon: DaemonProcess, request: pytest
 @pytest.mark.slow
 def test_async_cancel_timeout_and_reuse(daemon: DaemonProcess, request: pytest.FixtureRequest) -> None:
     async def main() -> None:
-        async with AsyncClient(daemon.url, daemon.token, game=game_name(request)) as client:
+        async with AsyncClient(daemon.url, daemon.token, game=game_name(request), timeout=300) as client:
             brom = await define(client)
 
             async with brom.stream(LONG_LINE, max_tokens=400) as stream:
