@@ -8,7 +8,7 @@ scheduler takes from the clients in turn.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -40,22 +40,6 @@ class FairQueue(Generic[T]):
                     del self._queues[client]
                 return item
             del self._queues[client]
-        return None
-
-    def pop_if(self, accept: Callable[[T], bool]) -> T | None:
-        """The next item in fair order, only if ``accept`` takes it; otherwise None and nothing moves.
-
-        Joining a running batch goes through this: a job that cannot join (another adapter, or the
-        same NPC's next line, which must see the previous reply) keeps its place at the head, and
-        the batch stops growing until it is served, so it is not overtaken indefinitely."""
-        for client in list(self._queues):
-            queue = self._queues[client]
-            if not queue:
-                del self._queues[client]
-                continue
-            if not accept(queue[0][1]):
-                return None
-            return self.pop()
         return None
 
     def remove(self, client: Hashable, key: str) -> T | None:

@@ -2,9 +2,8 @@
 
 Everything that decides anything lives in core.py. This module moves bytes: it feeds messages to a
 ConnectionCore, sends the frames it returns through one ordered outbox per connection, and runs
-generation on a single model thread (a llama.cpp context is not thread-safe), taking jobs from a
-FairQueue so clients are served in turn. Jobs that share an adapter run together as one batch (the
-backend decodes them in lockstep); a job arriving while a batch runs joins it at the next step.
+generation jobs one at a time on a single model thread (a llama.cpp context is not thread-safe),
+taking jobs from a FairQueue so clients are served in turn.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +28,7 @@ from zyke.protocol import AdapterInfo, Adapters, ErrorCode, ReplyDelta, dump_fra
 
 from . import __version__
 from .adapters import AdapterRegistry
-from .backends.base import Backend, GenerationResult
-from .backends.decoding import BatchItem, run_serially
+from .backends.base import Backend
 from .config import DaemonConfig
 from .core import AdapterOp, CancelJob, ConnectionCore, DaemonCore, SayJob, Send, Submit, error_frame
 from .errors import DaemonError, ModelLoadError
@@ -251,7 +248,6 @@ class DaemonServer:
     # -- the model thread
 
     async def _dispatch(self) -> None:
-        """Take the next job fairly and run it in a batch that compatible jobs may join while it runs."""
         while True:
             job = self.queue.pop()
             if job is None:
@@ -261,175 +257,63 @@ class DaemonServer:
             self.metrics.queue_depth.set(len(self.queue))
             peer = self._peers.get(job.conn.conn_id)
             if peer is None or job.cancel.is_set():
-                if peer is not None:
-                    peer.core.job_done(job)
                 continue
-            batch = _Batch(self, job.adapter)
-            batch.admit(peer, job)
-            await batch.run()
-
-
-class _JobRun:
-    """One admitted job: its connection, streaming state and timeout (loop thread only, but on_text)."""
-
-    def __init__(self, server: DaemonServer, peer: _Peer, job: SayJob) -> None:
-        loop = asyncio.get_running_loop()
-        self.server, self.peer, self.job = server, peer, job
-        assert server.core is not None
-        self.assembler = server.core.assembler(job)
-        self.timed_out = False
-        self.index = 0
-        job.started_at = time.monotonic()
-        self.timer = loop.call_later(server.config.request_timeout_s, self._on_timeout)
-        self._loop = loop
-
-    def _on_timeout(self) -> None:
-        self.timed_out = True
-        self.job.cancel.set()
-
-    def on_text(self, piece: str) -> bool:
-        """Model thread: feed the assembler, stream the new part of the spoken line."""
-        delta, keep_going = self.assembler.feed(piece)
-        if delta and self.job.frame.stream:
-            self._loop.call_soon_threadsafe(self._send_delta, delta)
-        return keep_going
-
-    def _send_delta(self, text: str) -> None:
-        job = self.job
-        self.peer.send(dump_frame(ReplyDelta(id=job.request_id, npc=job.npc_id, text=text, index=self.index)))
-        self.index += 1
-
-    def finish(self, outcome: GenerationResult | BaseException) -> None:
-        """Loop thread: the reply frame, or this job's own error frame."""
-        self.timer.cancel()
-        job, peer, server = self.job, self.peer, self.server
-        try:
-            if isinstance(outcome, DaemonError):
-                raise outcome
-            if isinstance(outcome, BaseException):
-                log.error("job %s failed", job.request_id, exc_info=outcome)
+            try:
+                await self._run(peer, job)
+            except Exception:  # a bug in one job must not stop the dispatcher for everyone
+                log.exception("job %s failed", job.request_id)
                 peer.send(error_frame(ErrorCode.INTERNAL, "internal error; see the daemon log", job.request_id))
-                return
-            if self.timed_out:
+            finally:
+                peer.core.job_done(job)
+
+    async def _run(self, peer: _Peer, job: SayJob) -> None:
+        loop = asyncio.get_running_loop()
+        core, backend = self.core, self.backend
+        assert core is not None and backend is not None
+        job.started_at = time.monotonic()
+        timed_out = False
+
+        def on_timeout() -> None:
+            nonlocal timed_out
+            timed_out = True
+            job.cancel.set()
+
+        timer = loop.call_later(self.config.request_timeout_s, on_timeout)
+        index = 0
+
+        def send_delta(text: str) -> None:
+            nonlocal index
+            peer.send(dump_frame(ReplyDelta(id=job.request_id, npc=job.npc_id, text=text, index=index)))
+            index += 1
+
+        try:
+            assembler = core.assembler(job)
+
+            def on_text(piece: str) -> bool:
+                delta, keep_going = assembler.feed(piece)
+                if delta and job.frame.stream:
+                    loop.call_soon_threadsafe(send_delta, delta)
+                return keep_going
+
+            def generate() -> Any:
+                self._ensure_adapter(job.adapter, job.request_id)
+                request = core.prepare(job, backend.count_tokens, self.config.n_ctx)
+                return backend.generate(request, on_text)
+
+            result = await loop.run_in_executor(self._executor, generate)
+            if timed_out:
                 raise DaemonError(ErrorCode.TIMEOUT,
-                                  f"no reply within {server.config.request_timeout_s:g} s", job.request_id)
-            assert server.core is not None
-            frame = server.core.finish(job, outcome, self.assembler)
+                                  f"no reply within {self.config.request_timeout_s:g} s", job.request_id)
+            frame = core.finish(job, result, assembler)
         except DaemonError as exc:
             peer.send(error_frame(exc.code, exc.message, job.request_id))
             return
-        except Exception:  # a bug in one job must not stop the others
-            log.exception("job %s failed", job.request_id)
-            peer.send(error_frame(ErrorCode.INTERNAL, "internal error; see the daemon log", job.request_id))
-            return
         finally:
-            peer.core.job_done(job)
-        server.metrics.tokens.inc(outcome.completion_tokens)
-        server.metrics.ttft.observe(outcome.ttft_s)
-        server.metrics.latency.observe(time.monotonic() - job.enqueued_at)
+            timer.cancel()
+        self.metrics.tokens.inc(result.completion_tokens)
+        self.metrics.ttft.observe(result.ttft_s)
+        self.metrics.latency.observe(time.monotonic() - job.enqueued_at)
         peer.send(frame)
-
-
-class _Batch:
-    """Jobs decoded together on the model thread: one adapter, at most the backend's ``max_batch``.
-
-    The loop thread admits jobs (the first, then any compatible job that is next in fair order while
-    there is room); the model thread takes them at step boundaries through ``take``, builds their
-    prompts (``DaemonCore.prepare``, on the model thread as before, so a queued line sees the reply
-    before it) and hands each outcome back to the loop as soon as that job is done. Backends without
-    ``run_batch`` (transformers) run the same contract one job at a time.
-    """
-
-    def __init__(self, server: DaemonServer, adapter: str | None) -> None:
-        self.server = server
-        self.adapter = adapter
-        backend = server.backend
-        self.capacity = max(1, int(getattr(backend, "max_batch", 1))) if hasattr(backend, "run_batch") else 1
-        self._lock = threading.Lock()
-        self._incoming: list[_JobRun] = []
-        self._live: dict[str, _JobRun] = {}  # admitted and not finished, by request id
-        self._loop = asyncio.get_running_loop()
-
-    def admit(self, peer: _Peer, job: SayJob) -> None:
-        run = _JobRun(self.server, peer, job)
-        self._live[job.request_id] = run
-        with self._lock:
-            self._incoming.append(run)
-
-    def fill(self) -> None:
-        """Loop thread: admit the next queued jobs while they fit (see FairQueue.pop_if)."""
-        server = self.server
-        while len(self._live) < self.capacity:
-            job = server.queue.pop_if(self._compatible)
-            if job is None:
-                return
-            server.metrics.queue_depth.set(len(server.queue))
-            peer = server._peers.get(job.conn.conn_id)
-            if peer is None or job.cancel.is_set():
-                if peer is not None:
-                    peer.core.job_done(job)
-                continue
-            self.admit(peer, job)
-
-    def _compatible(self, job: SayJob) -> bool:
-        npc = (job.conn.game, job.npc_id)
-        return job.adapter == self.adapter and all(
-            (r.job.conn.game, r.job.npc_id) != npc for r in self._live.values())
-
-    async def run(self) -> None:
-        server = self.server
-        backend = server.backend
-        assert backend is not None
-        self.fill()
-        watcher = asyncio.create_task(self._watch_queue())
-        try:
-            while True:
-                with self._lock:
-                    if not self._incoming:
-                        break
-                batch_run = getattr(backend, "run_batch", None)
-                if batch_run is not None:
-                    await self._loop.run_in_executor(server._executor, batch_run, self._take)
-                else:
-                    await self._loop.run_in_executor(server._executor, run_serially, backend.generate, self._take)
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-
-    async def _watch_queue(self) -> None:
-        """While the batch runs, new jobs that fit join it at the next step."""
-        while True:
-            await self.server._work.wait()
-            self.server._work.clear()
-            self.fill()  # the dispatcher pops the queue itself once this batch ends: no signal is lost
-
-    def _take(self, n: int) -> list[BatchItem]:
-        """Model thread: up to ``n`` admitted jobs, prepared."""
-        server = self.server
-        core, backend = server.core, server.backend
-        assert core is not None and backend is not None
-        with self._lock:
-            runs, self._incoming = self._incoming[:n], self._incoming[n:]
-        items: list[BatchItem] = []
-        for run in runs:
-            try:
-                server._ensure_adapter(run.job.adapter, run.job.request_id)
-                request = core.prepare(run.job, backend.count_tokens, server.config.n_ctx)
-            except Exception as exc:
-                self._done(run, exc)
-                continue
-            items.append(BatchItem(request, run.on_text, lambda outcome, run=run: self._done(run, outcome)))
-        return items
-
-    def _done(self, run: _JobRun, outcome: GenerationResult | BaseException) -> None:
-        """Model thread: hand the outcome to the loop at once (a short reply is not held by a long one)."""
-        self._loop.call_soon_threadsafe(self._finished, run, outcome)
-
-    def _finished(self, run: _JobRun, outcome: GenerationResult | BaseException) -> None:
-        self._live.pop(run.job.request_id, None)
-        run.finish(outcome)
-        self.fill()
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
