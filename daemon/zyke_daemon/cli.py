@@ -65,7 +65,7 @@ def start(detach: bool, **flags: Any) -> None:
         raise click.ClickException(f"a daemon is already running (pid {running[0].get('pid')}); "
                                    "stop it with: zyke-daemon stop")
     if detach:
-        _start_detached(config.port)
+        _start_detached()
         return
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .app import run_daemon
@@ -141,7 +141,7 @@ def _health() -> tuple[dict[str, Any], dict[str, Any]] | None:
         return None
 
 
-def _start_detached(port: int) -> None:
+def _start_detached() -> None:
     log_path = data_dir() / "daemon.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     args = [a for a in sys.argv[1:] if a != "--detach"]

@@ -15,13 +15,13 @@ and its size reported.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from zyke_daemon.embedded import sha256_file
 
 MANIFEST = "manifest.json"
 TENSOR = "input_ids"
@@ -107,7 +107,7 @@ def make_blocks(prepared: Path, out: Path, tokenizer: str | None = None, block_s
         save_file({TENSOR: arr}, str(tmp), metadata={"block_size": str(block_size), "tokenizer": tok_name})
         tmp.replace(out / name)
         shards.append({"file": name, "blocks": n_blocks, "first_block": sum(s["blocks"] for s in shards),
-                       "sha256": _sha256_file(out / name)})
+                       "sha256": sha256_file(out / name)})
 
     group: str | None = None
     bar = tqdm(desc="tokenizing", unit="row", disable=not progress, leave=False)
@@ -152,17 +152,9 @@ def make_blocks(prepared: Path, out: Path, tokenizer: str | None = None, block_s
         "dropped_tail_tokens": len(buffer),
         "counts": counts,
         "source": str(prepared),
-        "source_manifest_sha256": (_sha256_file(prepared / MANIFEST) if prepared.is_dir() else
-                                   _sha256_file(prepared)),
+        "source_manifest_sha256": (sha256_file(prepared / MANIFEST) if prepared.is_dir() else
+                                   sha256_file(prepared)),
         "shards": shards,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
