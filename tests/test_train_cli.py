@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 from zyke.protocol import NpcSpec, Turn
 from zyke_train.cli import main
 from zyke_train.evaluate import Scenario, is_echo, is_off_persona, judge, summarize, word_f1
-from zyke_train.train import Tokenized, collate, epoch_batches
+from zyke_train.train import Tokenized, collate, decision_spans, epoch_batches, epoch_subset
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "training" / "data" / "npc_train.jsonl"
@@ -47,6 +47,29 @@ def test_epoch_batches_are_deterministic_cover_everything_and_bucket_by_length()
     assert a != epoch_batches(lengths, 4, seed=1, epoch=1)
     assert sorted(i for b in a for i in b) == list(range(50))
     assert all(lengths[b[i]] <= lengths[b[i + 1]] for b in a for i in range(len(b) - 1))
+
+
+def test_decision_weights_reach_the_loss_weights_and_only_the_decision_tokens() -> None:
+    completion = '{"say": "An emotion: none.", "emotion": "angry", "action": "trade"}\n'
+    spans = decision_spans(completion)
+    assert [completion[a:b] for a, b in spans] == ["angry", "trade"]  # the values, not look-alikes in say
+    items = [Tokenized("a", [2, 10], [20, 21, 22], weights=(1.0, 5.0, 1.0), action="trade"),
+             Tokenized("b", [2], [23])]
+    batch = collate(items, pad_id=0)
+    assert batch["weights"].tolist() == [[0, 0, 1, 5, 1], [0, 0, 0, 0, 1]]
+    assert batch["weight"] == 8.0 and batch["targets"] == 4
+
+
+def test_epoch_subset_caps_an_action_share_differently_each_epoch() -> None:
+    actions = ["none"] * 60 + ["trade"] * 20 + ["refuse"] * 20
+    epochs = [epoch_subset(actions, {"none": 0.3}, seed=0, epoch=e) for e in range(3)]
+    for chosen in epochs:
+        kept = [actions[i] for i in chosen]
+        assert kept.count("trade") == 20 and kept.count("refuse") == 20  # every other row, every epoch
+        assert kept.count("none") == int(0.3 * 40 / 0.7)
+    assert epochs[0] == epoch_subset(actions, {"none": 0.3}, seed=0, epoch=0)  # resumable
+    assert len({tuple(c) for c in epochs}) == 3  # a different sample of `none` rows each epoch
+    assert epoch_subset(actions, {}, seed=0, epoch=0) == list(range(100))
 
 
 def test_reply_metrics() -> None:
@@ -100,17 +123,20 @@ def test_unavailable_options_fail_clearly(tmp_path: Path) -> None:
 def test_train_resume_register_export_evaluate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ZYKE_DATA_DIR", str(tmp_path / "data"))  # the adapter registry of this test only
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:3]))
+    lines = TRAIN.read_text().splitlines(keepends=True)
+    rows.write_text("".join([*lines[:2], next(ln for ln in lines if '"action": "refuse"' in ln)]))
     examples = tmp_path / "examples.jsonl"
     assert "3 good" in invoke("npc-data", str(rows), "--out", str(examples)).output
 
     out = tmp_path / "run"
     cfg = tmp_path / "train.yaml"  # flags given on the command line win over the file
     cfg.write_text("lora_r: 4\nlora_alpha: 8\nmax_length: 128\nbatch_size: 1\nmax_steps: 99\nthreads: 2\n"
-                   "lora_target_modules: [q_proj, v_proj]\nsave_every: 1\nlr: 0.002\n")
+                   "lora_target_modules: [q_proj, v_proj]\nsave_every: 1\nlr: 0.002\ndecision_weight: 4\n"
+                   "max_action_share: {none: 0.5}\n")
     invoke("train", "--config", str(cfg), "--data", str(examples), "--output-dir", str(out), "--max-steps", "2")
     first = json.loads((out / "train_log.json").read_text())
     assert [e["step"] for e in first["losses"]] == [1, 2] and first["config"]["lora_r"] == 4
+    assert first["config"]["decision_weight"] == 4 and first["config"]["max_action_share"] == {"none": 0.5}
     assert (out / "checkpoint-000002" / "optimizer.safetensors").is_file()
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # no pickles anywhere
 

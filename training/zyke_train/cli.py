@@ -173,9 +173,26 @@ def _load_yaml_config(ctx: click.Context, _param: click.Parameter, value: Path |
             raise click.BadParameter(f"{value}: unknown option {key!r}")
         if name == "lora_target_modules" and isinstance(val, list):
             val = ",".join(map(str, val))
+        if name == "max_action_share" and isinstance(val, dict):
+            val = [f"{k}={v}" for k, v in val.items()]
         defaults[name] = val
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def _parse_shares(values: tuple[str, ...] | list[str]) -> dict[str, float]:
+    shares: dict[str, float] = {}
+    for value in values:
+        action, sep, share = str(value).partition("=")
+        try:
+            number = float(share)
+        except ValueError:
+            number = -1.0
+        if not sep or not action.strip() or not 0.0 < number <= 1.0:
+            raise click.BadParameter(f"expected ACTION=SHARE with 0 < SHARE <= 1, got {value!r}",
+                                     param_hint="--max-action-share")
+        shares[action.strip()] = number
+    return shares
 
 
 @main.command("train")
@@ -206,6 +223,10 @@ def _load_yaml_config(ctx: click.Context, _param: click.Parameter, value: Path |
               show_default=True, help="Comma-separated module names.")
 @click.option("--lora-layers", type=int, default=None,
               help="Adapt only the last N blocks (cheaper backward on a CPU; default: all).")
+@click.option("--decision-weight", type=float, default=1.0, show_default=True,
+              help="Loss weight of the tokens spelling the reply's emotion and action (1: plain average).")
+@click.option("--max-action-share", "max_action_share", multiple=True, metavar="ACTION=SHARE",
+              help="Subsample rows with this action to at most SHARE of each epoch (e.g. none=0.35); repeatable.")
 @click.option("--qlora", is_flag=True, help="Load the base in 4-bit NF4 (bitsandbytes; CUDA only).")
 @click.option("--log-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
@@ -219,6 +240,7 @@ def train_cmd(data: tuple[Path, ...], output_dir: Path, adapter_name: str | None
     if not data:
         raise click.UsageError("give at least one --data file (or `data:` in --config)")
     targets = [t.strip() for t in lora_target_modules.split(",") if t.strip()]
+    options["max_action_share"] = _parse_shares(options.get("max_action_share") or ())  # type: ignore[arg-type]
     config = TrainConfig(data=[str(p) for p in data], output_dir=str(output_dir), lora_target_modules=targets,
                          **options)  # type: ignore[arg-type]
     try:

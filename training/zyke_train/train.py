@@ -78,6 +78,10 @@ class TrainConfig:
     #: Adapt only the last N transformer blocks: backward then stops at the lowest adapted block, which
     #: saves most of the backward pass on a CPU (None = every block).
     lora_layers: int | None = None
+    #: Loss weight of the emotion/action value tokens (1.0: plain token average).
+    decision_weight: float = 1.0
+    #: Cap on the share of an epoch taken by rows with a given action, e.g. {"none": 0.35}.
+    max_action_share: dict[str, float] = field(default_factory=dict)
     qlora: bool = False
     log_to: str = "none"
     threads: int | None = None
@@ -91,6 +95,10 @@ class Tokenized:
     id: str
     prompt: list[int]
     completion: list[int]
+    #: Loss weight per completion token (None: all 1.0); see ``decision_weights``.
+    weights: tuple[float, ...] | None = None
+    #: The reply's action, when the completion is a reply JSON; what ``--max-action-share`` counts.
+    action: str | None = None
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.completion)
@@ -148,30 +156,87 @@ def load_examples(paths: Sequence[Path]) -> list[tuple[str, str, str]]:
     return out
 
 
-def tokenize_examples(tokenizer: Any, examples: Sequence[tuple[str, str, str]],
-                      max_length: int) -> tuple[list[Tokenized], int]:
+def decision_spans(completion: str) -> list[tuple[int, int]]:
+    """Character spans of the ``emotion`` and ``action`` values in a rendered reply (empty when the
+    completion is not one). They are the reply's decisions: a few tokens among dozens of ``say`` tokens."""
+    spans = []
+    for key in ("emotion", "action"):
+        marker = f'"{key}": "'
+        start = completion.rfind(marker)
+        if start < 0:
+            continue
+        start += len(marker)
+        end = completion.find('"', start)
+        if end > start:
+            spans.append((start, end))
+    return spans
+
+
+def reply_action(completion: str) -> str | None:
+    try:
+        value = json.loads(completion).get("action")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def tokenize_examples(tokenizer: Any, examples: Sequence[tuple[str, str, str]], max_length: int,
+                      decision_weight: float = 1.0) -> tuple[list[Tokenized], int]:
     """Token ids per example, the prompt left-truncated (BOS kept) to fit ``max_length``; returns the
-    examples and how many were truncated. A completion that alone does not fit is cut at its end."""
+    examples and how many were truncated. A completion that alone does not fit is cut at its end.
+
+    ``decision_weight`` scales the loss of the tokens that spell the emotion and action values. With
+    plain token-averaged loss those two or three tokens weigh as much as two words of the line, so a
+    short run learns the voice and falls back to the most common action (``none``); weighting them is
+    the cheap way to make the run learn the choice the game acts on."""
     out: list[Tokenized] = []
     truncated = 0
     for ex_id, prompt, completion in examples:
         p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        weights: tuple[float, ...] | None = None
+        if decision_weight != 1.0 and (spans := decision_spans(completion)):
+            enc = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
+            c = enc["input_ids"]
+            weights = tuple(decision_weight if any(s < b and a < e for s, e in spans) else 1.0
+                            for a, b in enc["offset_mapping"])
+        else:
+            c = tokenizer(completion, add_special_tokens=False)["input_ids"]
         if len(p) + len(c) > max_length:
             truncated += 1
             c = c[: max(1, max_length - 1)]
+            weights = weights[: len(c)] if weights else None
             room = max_length - len(c)
             bos = p[:1] if p and p[0] == tokenizer.bos_token_id else []
             p = bos + p[len(p) - (room - len(bos)):] if room > len(bos) else bos
-        out.append(Tokenized(ex_id, p, c))
+        out.append(Tokenized(ex_id, p, c, weights, reply_action(completion)))
     return out, truncated
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Index batches for one epoch: shuffled, sorted by length within windows (little padding), then the
-    batches shuffled again. A pure function of (seed, epoch), which is what makes resuming exact."""
+def epoch_subset(actions: Sequence[str | None], max_share: dict[str, float], seed: int, epoch: int) -> list[int]:
+    """Indices used in one epoch: rows whose action is capped by ``max_share`` (e.g. ``{"none": 0.35}``)
+    are subsampled to at most that share of the epoch, a different random subset each epoch, so a
+    dataset where most replies do nothing does not teach the model to always do nothing. Pure in
+    (seed, epoch), like ``epoch_batches``."""
+    rng = random.Random(f"subset:{seed}:{epoch}")
+    keep = [i for i, a in enumerate(actions) if a not in max_share]
+    for action, share in sorted(max_share.items()):
+        rows = [i for i, a in enumerate(actions) if a == action]
+        if share >= 1.0:
+            keep.extend(rows)
+            continue
+        others = len(actions) - len(rows)
+        limit = min(len(rows), int(share * others / max(1e-9, 1.0 - share)))
+        keep.extend(rng.sample(rows, limit))
+    return sorted(keep)
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                  subset: Sequence[int] | None = None) -> list[list[int]]:
+    """Index batches for one epoch (over ``subset`` when given): shuffled, sorted by length within windows
+    (little padding), then the batches shuffled again. A pure function of (seed, epoch), which is what
+    makes resuming exact."""
     rng = random.Random(f"{seed}:{epoch}")
-    order = list(range(len(lengths)))
+    order = list(range(len(lengths))) if subset is None else list(subset)
     rng.shuffle(order)
     window = batch_size * BUCKET_WINDOW
     batches: list[list[int]] = []
@@ -190,18 +255,21 @@ def collate(items: Sequence[Tokenized], pad_id: int) -> dict[str, Any]:
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     labels = torch.full((len(items), width), -100, dtype=torch.long)
+    weights = torch.zeros((len(items), width), dtype=torch.float32)
     for row, t in enumerate(items):
         seq = t.prompt + t.completion
         ids[row, width - len(seq):] = torch.tensor(seq)
         mask[row, width - len(seq):] = 1
         labels[row, width - len(t.completion):] = torch.tensor(t.completion)
+        weights[row, width - len(t.completion):] = torch.tensor(t.weights or [1.0] * len(t.completion))
     keep = min(width, max(len(t.completion) for t in items) + 1)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "keep": keep,
-            "tokens": int(mask.sum()), "targets": int((labels != -100).sum())}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights, "keep": keep,
+            "tokens": int(mask.sum()), "targets": int((labels != -100).sum()), "weight": float(weights.sum())}
 
 
 def completion_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
-    """Summed cross-entropy over the completion tokens, computing logits only where labels are."""
+    """Summed cross-entropy over the completion tokens (times their ``weights`` when the batch has them),
+    computing logits only where labels are."""
     import torch.nn.functional as F
 
     mask = batch["attention_mask"]
@@ -211,8 +279,11 @@ def completion_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
                 logits_to_keep=keep, use_cache=False)
     logits = out.logits[:, :-1].float()
     targets = batch["labels"][:, -(keep - 1):]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                             reduction="none")
+    if "weights" in batch:
+        losses = losses * batch["weights"][:, -(keep - 1):].reshape(-1)
+    return losses.sum()
 
 
 # -- checkpoints (no pickle anywhere)
@@ -437,15 +508,24 @@ def train(config: TrainConfig, on_log: Callable[[str], None] = print) -> TrainRe
     torch.manual_seed(config.seed)
     examples = load_examples([Path(p) for p in config.data])
     tokenizer, model = load_model(config, accelerator.device.type)
-    items, truncated = tokenize_examples(tokenizer, examples, config.max_length)
+    items, truncated = tokenize_examples(tokenizer, examples, config.max_length, config.decision_weight)
     if truncated:
         on_log(f"{truncated} of {len(items)} examples were longer than --max-length {config.max_length}: "
                "their prompts lost their oldest tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lengths = [len(t) for t in items]
 
+    actions = [t.action for t in items]
+
+    def batches_of(epoch: int) -> list[list[int]]:
+        subset = epoch_subset(actions, config.max_action_share, config.seed, epoch) if config.max_action_share \
+            else None
+        return epoch_batches(lengths, config.batch_size, config.seed, epoch, subset)[rank::world]
+
     world, rank = accelerator.num_processes, accelerator.process_index
-    micro_per_epoch = len(epoch_batches(lengths, config.batch_size, config.seed, 0)[rank::world])
+    micro_per_epoch = len(batches_of(0))
+    if not micro_per_epoch:
+        raise TrainError(f"--max-action-share {config.max_action_share} leaves no rows to train on")
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / config.grad_accum))
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     warmup = max(1, round(config.warmup_ratio * total_steps))
@@ -479,10 +559,10 @@ def train(config: TrainConfig, on_log: Callable[[str], None] = print) -> TrainRe
     while step < total_steps:
         epoch, group = divmod(step, steps_per_epoch)
         if epoch not in batches_cache:
-            batches_cache = {epoch: epoch_batches(lengths, config.batch_size, config.seed, epoch)[rank::world]}
+            batches_cache = {epoch: batches_of(epoch)}
         micro = batches_cache[epoch][group * config.grad_accum:(group + 1) * config.grad_accum]
         batches = [collate([items[i] for i in b], pad_id) for b in micro]
-        step_targets = sum(b["targets"] for b in batches)
+        step_targets = sum(b["weight"] for b in batches)  # == target tokens when every weight is 1
         loss_sum = 0.0
         t0 = time.perf_counter()
         for i, batch in enumerate(batches):
