@@ -8,8 +8,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import llama_cpp
-import numpy as np
 import pytest
 import torch
 from zyke.prompt_format import render_prompt, reply_schema
@@ -96,19 +94,7 @@ def gen(backend: TransformersBackend, prompt: str, **kw: object) -> GenerationRe
 def llama_greedy(backend: LlamaCppBackend, prompt: str, adapter: str | None, n: int) -> list[int]:
     """Unconstrained greedy continuation on llama.cpp with ``adapter`` applied (no repeat penalty), from a
     cold context: the same thing TransformersBackend.generate_batch computes."""
-    backend._apply(adapter)
-    backend.llm.reset()
-    backend.llm.eval(backend.llm.tokenize(prompt.encode(), add_bos=True))
-    tokens: list[int] = []
-    for _ in range(n):
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(backend.llm._ctx.ctx, -1),
-                                       shape=(backend._n_vocab,))
-        token = int(np.argmax(logits))
-        if token in backend._eos:
-            break
-        tokens.append(token)
-        backend.llm.eval([token])
-    return tokens
+    return backend.greedy(prompt, n, adapter)
 
 
 # -- the converted checkpoint
@@ -146,7 +132,7 @@ def test_tokenization_matches_llama_cpp(hf: TransformersBackend, llama: LlamaCpp
                    render_prompt(NPC, history, "Do you have ale? ¿Y cerveza? 🍺"), PROMPT]:
         ids = hf._encode(prompt)
         assert ids[0] == hf.hf_tokenizer.bos_token_id and ids[1] != ids[0]  # one BOS, as add_bos=True
-        assert ids == llama.llm.tokenize(prompt.encode(), add_bos=True)
+        assert ids == llama.tokenize(prompt)
         assert hf.count_tokens(prompt) == llama.count_tokens(prompt)
 
 

@@ -12,7 +12,7 @@ from zyke.prompt_format import render_prompt, render_reply, reply_schema
 from zyke.protocol import NpcReply, NpcSpec, Turn
 from zyke_daemon.backends.base import GenerationRequest
 from zyke_daemon.backends.decoding import sample
-from zyke_daemon.backends.llamacpp import LlamaCppBackend
+from zyke_daemon.backends.llamacpp import PREFILL_CHUNK, LlamaCppBackend
 from zyke_daemon.embedded import EMBEDDED_NAME, embedded_model_path
 from zyke_daemon.validation import validator_for
 
@@ -55,7 +55,7 @@ def test_constrained_reply_validates_for_several_inputs(backend: LlamaCppBackend
 def test_greedy_is_deterministic_and_prefix_reuse_changes_nothing(backend: LlamaCppBackend) -> None:
     history = [Turn(player="Hello!", reply=NpcReply(say="Welcome, traveller!", emotion="happy", action="none"))]
     prompt = render_prompt(NPC, history, "Do you have ale?")
-    backend.llm.reset()  # cold
+    backend.reset()  # cold
     cold, cold_result = gen(backend, prompt, max_tokens=40)
     assert cold_result.cached_tokens == 0  # type: ignore[attr-defined]
     warm, warm_result = gen(backend, prompt, max_tokens=40)
@@ -65,8 +65,8 @@ def test_greedy_is_deterministic_and_prefix_reuse_changes_nothing(backend: Llama
     longer = render_prompt(NPC, [*history, Turn(player="Do you have ale?", reply=NpcReply.model_validate(
         json.loads(cold)))], "How much?")
     warm2, warm2_result = gen(backend, longer, max_tokens=40)
-    assert warm2_result.cached_tokens >= len(backend.llm.tokenize(prompt.encode())) - 2  # type: ignore[attr-defined]
-    backend.llm.reset()
+    assert warm2_result.cached_tokens >= len(backend.tokenize(prompt)) - PREFILL_CHUNK  # type: ignore[attr-defined]
+    backend.reset()
     cold2, _ = gen(backend, longer, max_tokens=40)
     assert warm2 == cold2
 

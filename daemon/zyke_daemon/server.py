@@ -24,6 +24,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from zyke.paths import runtime_path
+from zyke.prompt_format import END_OF_REPLY
 from zyke.protocol import AdapterInfo, Adapters, ErrorCode, ReplyDelta, dump_frame
 
 from . import __version__
@@ -258,15 +259,31 @@ class DaemonServer:
             peer = self._peers.get(job.conn.conn_id)
             if peer is None or job.cancel.is_set():
                 continue
+            follow_up = None
             try:
-                await self._run(peer, job)
+                follow_up = await self._run(peer, job)
             except Exception:  # a bug in one job must not stop the dispatcher for everyone
                 log.exception("job %s failed", job.request_id)
                 peer.send(error_frame(ErrorCode.INTERNAL, "internal error; see the daemon log", job.request_id))
             finally:
                 peer.core.job_done(job)
+            if follow_up is not None and not len(self.queue):
+                await self._prefill_idle(*follow_up)
 
-    async def _run(self, peer: _Peer, job: SayJob) -> None:
+    async def _prefill_idle(self, text: str, adapter: str | None) -> None:
+        """While nobody waits, let the backend evaluate the conversation so far (the next turn's prompt
+        starts with it); it stops between chunks as soon as a request is queued."""
+        prefill = getattr(self.backend, "prefill_idle", None)
+        if prefill is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, prefill, text, adapter, lambda: len(self.queue) > 0)
+        except Exception:  # only a cache warm-up: the next turn evaluates its prompt anyway
+            log.exception("idle prefill failed")
+
+    async def _run(self, peer: _Peer, job: SayJob) -> tuple[str, str | None] | None:
+        """Run one say job; returns what to prefill while idle (this prompt and its reply), if anything."""
         loop = asyncio.get_running_loop()
         core, backend = self.core, self.backend
         assert core is not None and backend is not None
@@ -295,9 +312,12 @@ class DaemonServer:
                     loop.call_soon_threadsafe(send_delta, delta)
                 return keep_going
 
+            prompt: list[str] = []
+
             def generate() -> Any:
                 self._ensure_adapter(job.adapter, job.request_id)
                 request = core.prepare(job, backend.count_tokens, self.config.n_ctx)
+                prompt.append(request.prompt)
                 return backend.generate(request, on_text)
 
             result = await loop.run_in_executor(self._executor, generate)
@@ -307,13 +327,16 @@ class DaemonServer:
             frame = core.finish(job, result, assembler)
         except DaemonError as exc:
             peer.send(error_frame(exc.code, exc.message, job.request_id))
-            return
+            return None
         finally:
             timer.cancel()
         self.metrics.tokens.inc(result.completion_tokens)
         self.metrics.ttft.observe(result.ttft_s)
         self.metrics.latency.observe(time.monotonic() - job.enqueued_at)
         peer.send(frame)
+        if result.finish_reason != "stop":
+            return None  # a cut-off reply is not what the history will hold
+        return prompt[0] + result.text + END_OF_REPLY, job.adapter
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:

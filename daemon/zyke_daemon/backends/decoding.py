@@ -7,7 +7,8 @@ here once, so llama.cpp and transformers behave the same for the same request.
 
 Why a loop of our own rather than each library's sampler: llama-cpp-python's GBNF sampler scans
 all 262,144 tokens of Gemma 3's vocabulary each step (decoding falls to about a third of its speed);
-llguidance computes the allowed-token mask incrementally in about 1 ms.
+llguidance computes the allowed-token mask incrementally in about 1 ms, and with the two tricks in
+``decode`` the constrained loop runs at the speed of raw llama.cpp (``tools/bench/run.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import codecs
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from functools import lru_cache
 
 import numpy as np
@@ -42,15 +44,29 @@ def decode(
     n_vocab: int,
     eos: set[int],
     next_logits: Callable[[], np.ndarray],
-    advance: Callable[[int], None],
+    advance: Callable[[list[int]], None],
     token_bytes: Callable[[int], bytes],
     on_text: OnText,
     prompt_tokens: int,
     cached_tokens: int,
     started: float,
+    executor: Executor | None = None,
+    fast_forward: bool = True,
 ) -> GenerationResult:
     """Generate one constrained reply. ``next_logits`` must return float32 logits of length >= n_vocab
-    for the position after everything advanced so far (the prompt has already been evaluated)."""
+    for the position after everything advanced so far (the prompt has already been evaluated);
+    ``advance`` evaluates one or more tokens in one model call.
+
+    Two things make the grammar nearly free:
+
+    * **Forced tokens are not sampled.** Where the schema allows only one continuation (``", "emotion":
+      "``, the rest of an enum value once its first token picks it) llguidance's ``compute_ff_tokens``
+      returns it as tokens; they are appended without asking the model and evaluated together with
+      the sampled token in one model call, so a reply costs fewer model calls than it has tokens.
+    * **The next mask is computed while the model runs.** Given an ``executor``, ``advance`` runs on
+      its thread (llama.cpp releases the GIL) while this thread computes the mask for the next step,
+      which depends only on the tokens already chosen.
+    """
     matcher = LLMatcher(tokenizer, compile_schema(json.dumps(request.schema)))
     if matcher.is_error():
         raise RuntimeError(f"reply schema did not compile: {matcher.get_error()}")
@@ -61,40 +77,80 @@ def decode(
     text: list[str] = []
     ttft = 0.0
     finish: FinishReason = "length"
-    while len(generated) < request.max_tokens:
-        if request.cancel.is_set():
-            finish = "cancelled"
-            break
-        matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
-        allowed = np.unpackbits(bitmask.view(np.uint8), bitorder="little")[:n_vocab].astype(bool)
-        logits = next_logits()[:n_vocab]
-        if request.repeat_penalty != 1.0 and generated:
-            logits = penalize_repeats(logits, generated, request.repeat_penalty)
-        token = pick(logits, allowed, request, rng)
-        if not generated:
-            ttft = time.perf_counter() - started
-        if token in eos:
-            finish = "stop"
-            break
+    mask_ready = False
+
+    def emit(token: int) -> bool:
         if not matcher.consume_token(token):
             raise RuntimeError(f"grammar rejected token {token}: {matcher.get_error()}")
         generated.append(token)
         piece = decoder.decode(token_bytes(token))
         text.append(piece)
-        keep_going = on_text(piece) if piece else True
+        return on_text(piece) if piece else True
+
+    while len(generated) < request.max_tokens:
+        if request.cancel.is_set():
+            finish = "cancelled"
+            break
+        if not mask_ready:
+            matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
+        mask_ready = False
+        logits = next_logits()[:n_vocab]
+        if request.repeat_penalty != 1.0 and generated:
+            logits = penalize_repeats(logits, generated, request.repeat_penalty)
+        token = pick(logits, bitmask, n_vocab, request, rng)
+        if not generated:
+            ttft = time.perf_counter() - started
+        if token in eos:
+            finish = "stop"
+            break
+        feed = [token]
+        keep_going = emit(token)
+        if fast_forward and keep_going and not matcher.is_stopped():
+            for forced in matcher.compute_ff_tokens()[: request.max_tokens - len(generated)]:
+                if forced in eos:
+                    break
+                feed.append(forced)
+                if not (keep_going := emit(forced)) or matcher.is_stopped():
+                    break
         if matcher.is_stopped() or not keep_going:
             finish = "stop"
             break
-        advance(token)
+        if len(generated) >= request.max_tokens:
+            break
+        if executor is None:
+            advance(feed)
+        else:
+            running = executor.submit(advance, feed)
+            matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
+            mask_ready = True
+            running.result()
     return GenerationResult(text="".join(text), finish_reason=finish, prompt_tokens=prompt_tokens,
                             completion_tokens=len(generated), cached_tokens=cached_tokens, ttft_s=ttft,
                             total_s=time.perf_counter() - started, tokens=generated)
 
 
-def pick(logits: np.ndarray, allowed: np.ndarray, request: GenerationRequest, rng: np.random.Generator) -> int:
+def is_allowed(bitmask: np.ndarray, token: int) -> bool:
+    return bool((int(bitmask[token >> 5]) >> (token & 31)) & 1)
+
+
+def allowed_tokens(bitmask: np.ndarray, n_vocab: int) -> np.ndarray:
+    return np.flatnonzero(np.unpackbits(bitmask.view(np.uint8), bitorder="little")[:n_vocab])
+
+
+def pick(logits: np.ndarray, bitmask: np.ndarray, n_vocab: int, request: GenerationRequest,
+         rng: np.random.Generator) -> int:
+    """The next token among those the grammar allows (``bitmask``: llguidance's packed mask).
+
+    Greedy first tries the unconstrained argmax: when the grammar allows it (most tokens of the spoken
+    line), it is the constrained argmax too, and the 262,144-entry mask is never unpacked."""
     if request.temperature <= 0:
-        candidates = np.flatnonzero(allowed)
+        best = int(np.argmax(logits))
+        if is_allowed(bitmask, best):
+            return best
+        candidates = allowed_tokens(bitmask, n_vocab)
         return int(candidates[np.argmax(logits[candidates])])
+    allowed = np.zeros(n_vocab, dtype=bool)
+    allowed[allowed_tokens(bitmask, n_vocab)] = True
     return sample(logits, allowed, request.temperature, request.top_p, request.top_k, rng)
 
 

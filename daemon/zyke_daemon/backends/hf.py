@@ -193,9 +193,9 @@ class TransformersBackend:
                     logits = np.concatenate([logits, np.full(self._n_vocab - logits.shape[0], -np.inf, np.float32)])
                 return logits
 
-            def advance(token: int) -> None:
-                step = forward(input_ids=torch.tensor([[token]], device=self.device),
-                               past_key_values=state["cache"], use_cache=True)
+            def advance(tokens: list[int]) -> None:
+                step = forward(input_ids=torch.tensor([tokens], device=self.device),
+                               past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
                 state["logits"], state["cache"] = step.logits[0, -1], step.past_key_values
 
             return decode(request, self.tokenizer, self._n_vocab, self._eos, next_logits, advance,

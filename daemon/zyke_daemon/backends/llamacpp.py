@@ -1,10 +1,25 @@
 """The llama.cpp backend (llama-cpp-python): GGUF base model, GGUF LoRA adapters swapped per request.
 
-Generation runs through the shared decode loop (decoding.py); this module only evaluates tokens and
-hands out logits. The context keeps the tokens it last evaluated, and a new prompt that shares a
-prefix with them (the same NPC one turn later) only evaluates its new suffix. That cache belongs to
-one adapter set: llama.cpp does not invalidate the KV cache when adapters change (the trap of
-llama.cpp issue 26207), so switching adapters drops it.
+Generation runs through the shared decode loop (decoding.py); this module evaluates tokens and hands
+out logits, driving llama.cpp's low-level API itself for one reason: **KV slots**.
+
+One context holds ``n_slots`` llama.cpp sequences, each with a KV stream of its own
+(``kv_unified=False``). A slot remembers the tokens it evaluated and the adapter they were evaluated
+under. A new prompt takes the slot that already holds the longest reusable prefix of it: the same NPC
+one turn later extends its own slot and only its new turn is evaluated, NPCs talking in turn no longer
+evict each other, and an NPC whose persona another slot already holds starts from a copy of that
+slot. Slots are keyed by adapter because llama.cpp does not invalidate the KV cache when adapters
+change (the trap of llama.cpp issue 26207). The least recently used slot is recycled.
+
+A cached reply must be the reply a cold start gives, token for token, and on a CPU that is not free:
+measured on this model, logits depend on how a sequence's tokens were grouped into llama.cpp
+micro-batches (a token decoded alone vs. the same token inside a prompt chunk differ by up to 1.0).
+So prompts are always evaluated in chunks whose boundaries sit at multiples of ``PREFILL_CHUNK``
+positions, and only the chunk-aligned part of an earlier *prompt* is ever reused; the model's own
+reply tokens (evaluated one step at a time) and a trailing partial chunk are evaluated again. Then a
+reused prefix holds bit-identical KV to a cold run, which ``tests/test_fast_paths.py`` checks. Weight
+repacking is off (``use_extra_bufts``): its kernels take another path for one row than for several,
+and on the measured CPU it was not faster for this model anyway.
 
 Adapters are loaded with ``llama_adapter_lora_init`` (milliseconds) and applied to the live context
 with ``llama_set_adapters_lora`` (about 0.1 ms), never by reloading the base model. Loaded adapters
@@ -14,16 +29,22 @@ are kept in an LRU with a cap.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp
 import llguidance.llamacpp
 import numpy as np
+from llama_cpp._internals import LlamaModel
+from llama_cpp._utils import suppress_stdout_stderr
 from zyke.protocol import ModelInfo
 
 from ..embedded import sha256_file
@@ -34,24 +55,61 @@ from .decoding import decode
 log = logging.getLogger(__name__)
 
 
+#: Prompt chunk size and alignment, in tokens (see the module docstring). 32 evaluates prompts as fast as
+#: llama.cpp's default 512 on the measured CPU while re-evaluating at most 31 tokens of an old prompt.
+PREFILL_CHUNK = 32
+
+
+@dataclass
+class _Slot:
+    """One llama.cpp sequence id (its own KV stream) and what it holds."""
+
+    seq_id: int
+    adapter: str | None = None
+    tokens: list[int] = field(default_factory=list)  # evaluated, in position order
+    reusable: int = 0  # leading tokens evaluated in aligned prompt chunks: exactly what a cold run computes
+    last_used: int = 0
+
+
 class LlamaCppBackend:
     name = "llama.cpp"
     adapter_kind = "gguf"
 
     def __init__(self, model_path: Path, sha256: str | None = None, n_ctx: int = 4096,
-                 n_threads: int | None = None, max_loaded_adapters: int = 8) -> None:
+                 n_threads: int | None = None, max_loaded_adapters: int = 8, n_slots: int = 4) -> None:
+        threads = n_threads or min(4, os.cpu_count() or 1)
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.use_extra_bufts = False  # no weight repacking: see the module docstring
         try:
-            self.llm = llama_cpp.Llama(str(model_path), n_ctx=n_ctx, n_threads=n_threads or min(4, os.cpu_count() or 1),
-                                       n_batch=512, verbose=False)
+            self._model = LlamaModel(path_model=str(model_path), params=mparams, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"llama.cpp could not load {model_path}: {exc}") from exc
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * n_slots  # not unified: each slot gets a stream of n_ctx cells
+        params.n_batch = 512
+        params.n_ubatch = PREFILL_CHUNK
+        params.n_seq_max = n_slots
+        params.kv_unified = False
+        params.swa_full = True  # cutting a slot's tail must leave every earlier position in every layer
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        with suppress_stdout_stderr(disable=False):  # llama.cpp prints its whole graph reservation
+            self._ctx = llama_cpp.llama_init_from_model(self._model.model, params)
+        if not self._ctx:
+            raise ModelLoadError(f"llama.cpp could not create a context for {model_path}")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(512, 0, 1)
+        self._n_ctx = n_ctx
+        self._slots = [_Slot(i) for i in range(n_slots)]
+        self._clock = itertools.count(1)
+
         sha256 = sha256 or sha256_file(model_path)
         self.model = ModelInfo(name=model_path.name, sha256=sha256, n_ctx=n_ctx)
         self.fingerprint = f"sha256:{sha256}"
-        self._vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
-        self._n_vocab = self.llm.n_vocab()
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model.model)
+        self._n_vocab = self._model.n_vocab()
         eot = llama_cpp.llama_vocab_eot(self._vocab)
-        self._eos = {self.llm.token_eos()} | ({eot} if eot >= 0 else set())
+        self._eos = {self._model.token_eos()} | ({eot} if eot >= 0 else set())
         with warnings.catch_warnings():  # it calls a deprecated llama.cpp getter once per token (262k times)
             warnings.simplefilter("ignore", DeprecationWarning)
             self.tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(self._vocab)
@@ -59,32 +117,92 @@ class LlamaCppBackend:
         self._adapters: OrderedDict[str, llama_cpp.llama_adapter_lora_p] = OrderedDict()
         self._max_adapters = max_loaded_adapters
         self._active: str | None = None
+        #: the decode loop's two speed-ups (decoding.decode); tests turn them off to compare
+        self.overlap = True
+        self.fast_forward = True
+        #: llama_decode runs here while the decode loop computes the next grammar mask
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="llama-decode")
 
     # -- Backend protocol
 
+    def tokenize(self, text: str) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
     def count_tokens(self, text: str) -> int:
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=True))
+        return len(self.tokenize(text))
 
     def close(self) -> None:
+        if not self._ctx:
+            return
         self._apply(None)
         for name in list(self._adapters):
             self.unload_adapter(name)
-        self.llm.close()
+        self._executor.shutdown()
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        self._ctx = None
+        self._model.close()
 
     def generate(self, request: GenerationRequest, on_text: OnText) -> GenerationResult:
         started = time.perf_counter()
         self._apply(request.adapter)
-        prompt = self.llm.tokenize(request.prompt.encode("utf-8"), add_bos=True)
-        cached = self._reuse_prefix(prompt)
-        self.llm.eval(prompt[cached:])
-        ctx = self.llm._ctx.ctx
+        prompt = self.tokenize(request.prompt)
+        if len(prompt) + request.max_tokens > self._n_ctx:
+            raise ValueError(f"prompt ({len(prompt)} tokens) plus max_tokens exceeds the context ({self._n_ctx})")
+        slot, cached = self._take_slot(prompt, request.adapter)
+        try:
+            self._prefill(slot, prompt, cached)
+            result = decode(request, self.tokenizer, self._n_vocab, self._eos, self._last_logits,
+                            lambda tokens: self._eval(slot, tokens), self._token_bytes, on_text,
+                            prompt_tokens=len(prompt), cached_tokens=cached, started=started,
+                            executor=self._executor if self.overlap else None, fast_forward=self.fast_forward)
+        except BaseException:
+            self._clear(slot)  # a half-evaluated slot is worth nothing
+            raise
+        return result
 
-        def next_logits() -> np.ndarray:
-            return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(self._n_vocab,))
+    def prefill_idle(self, text: str, adapter: str | None, stop: Callable[[], bool]) -> int:
+        """Evaluate ``text`` into its slot in aligned chunks, checking ``stop`` between chunks; returns
+        how many tokens were evaluated.
 
-        return decode(request, self.tokenizer, self._n_vocab, self._eos, next_logits,
-                      lambda token: self.llm.eval([token]), self._token_bytes, on_text,
-                      prompt_tokens=len(prompt), cached_tokens=cached, started=started)
+        The daemon calls this with the last prompt plus its reply when its queue is empty. A reply's
+        own tokens were evaluated one step at a time, which a cold run would not reproduce exactly, so
+        the next turn would evaluate them again; done here, that work happens while the player reads
+        and types, and the next turn only evaluates its new line."""
+        tokens = self.tokenize(text)
+        end = len(tokens) - len(tokens) % PREFILL_CHUNK
+        self._apply(adapter)
+        slot, pos = self._take_slot(tokens, adapter)
+        start = pos
+        try:
+            while pos < end and not stop():
+                self._eval(slot, tokens[pos:pos + PREFILL_CHUNK])
+                pos += PREFILL_CHUNK
+        except BaseException:
+            self._clear(slot)
+            raise
+        slot.reusable = pos
+        return pos - start
+
+    def greedy(self, prompt: str, n: int, adapter: str | None = None) -> list[int]:
+        """Plain greedy continuation from a cold slot: no grammar, no repeat penalty. A reference that
+        parity tests compare the transformers backend with."""
+        self.reset()
+        self._apply(adapter)
+        slot, _ = self._take_slot(self.tokenize(prompt), adapter)
+        self._prefill(slot, self.tokenize(prompt), 0)
+        out: list[int] = []
+        while len(out) < n and (token := int(np.argmax(self._last_logits()))) not in self._eos:
+            out.append(token)
+            self._eval(slot, [token])
+        self._clear(slot)
+        return out
+
+    def reset(self) -> None:
+        """Forget every slot, so the next prompt starts cold (tests and benchmarks use it)."""
+        llama_cpp.llama_memory_clear(self._mem, True)
+        for slot in self._slots:
+            slot.tokens, slot.adapter, slot.reusable, slot.last_used = [], None, 0, 0
 
     # -- adapters
 
@@ -97,7 +215,7 @@ class LlamaCppBackend:
         if name in self._adapters:
             self._adapters.move_to_end(name)
             return
-        handle = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(gguf_path).encode())
+        handle = llama_cpp.llama_adapter_lora_init(self._model.model, str(gguf_path).encode())
         if not handle:
             raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {gguf_path}")
         self._adapters[name] = handle
@@ -110,37 +228,95 @@ class LlamaCppBackend:
             return
         if self._active == name:
             self._apply(None)
+        for slot in self._slots:  # a later adapter of the same name may hold other weights
+            if slot.adapter == name:
+                self._clear(slot)
         llama_cpp.llama_adapter_lora_free(handle)
 
     def _apply(self, name: str | None) -> None:
+        """Set the context's adapter; slots computed under other weights stay, keyed by their adapter."""
         if name == self._active:
             return
-        ctx = self.llm._ctx.ctx
         if name is None:
-            llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
+            llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
         else:
             if name not in self._adapters:
                 raise ModelLoadError(f"adapter {name!r} is not loaded")
             self._adapters.move_to_end(name)
             arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
-            llama_cpp.llama_set_adapters_lora(ctx, arr, 1, (ctypes.c_float * 1)(1.0))
+            llama_cpp.llama_set_adapters_lora(self._ctx, arr, 1, (ctypes.c_float * 1)(1.0))
         self._active = name
-        self.llm.n_tokens = 0  # the cached prefix was computed under other weights
 
-    # -- internals
+    # -- slots
 
-    def _reuse_prefix(self, prompt: list[int]) -> int:
-        """Keep the evaluated tokens this prompt starts with; at least one token is always re-evaluated
-        so there are fresh logits to sample from."""
-        have = self.llm.input_ids[: self.llm.n_tokens]
-        limit = min(len(have), len(prompt) - 1)
-        same = 0
-        if limit > 0:
-            diff = np.flatnonzero(have[:limit] != np.asarray(prompt[:limit]))
-            same = int(diff[0]) if diff.size else limit
-        self.llm.n_tokens = same
-        return same
+    def _take_slot(self, prompt: list[int], adapter: str | None) -> tuple[_Slot, int]:
+        """The slot this prompt runs in and how many of its leading tokens that slot already holds
+        (a multiple of PREFILL_CHUNK, and short of the whole prompt: the last token is always evaluated
+        again so there are logits to sample from)."""
+        best, keep = None, 0
+        for slot in self._slots:
+            if slot.adapter == adapter and slot.reusable:
+                n = _common_prefix(slot.tokens, prompt, min(slot.reusable, len(prompt) - 1))
+                n -= n % PREFILL_CHUNK
+                if n > keep:
+                    best, keep = slot, n
+        if best is not None and keep == best.reusable:
+            target = best  # this slot's own conversation, one turn on
+        else:
+            target = min((s for s in self._slots if s is not best), key=lambda s: (bool(s.tokens), s.last_used))
+            self._clear(target)
+            if best is not None:  # another NPC's slot shares the prefix (a common persona): copy it
+                llama_cpp.llama_memory_seq_cp(self._mem, best.seq_id, target.seq_id, -1, -1)
+                target.tokens = list(best.tokens)
+        if len(target.tokens) > keep and not llama_cpp.llama_memory_seq_rm(self._mem, target.seq_id, keep, -1):
+            self._clear(target)
+            keep = 0
+        del target.tokens[keep:]
+        target.adapter, target.reusable, target.last_used = adapter, keep, next(self._clock)
+        return target, keep
+
+    def _clear(self, slot: _Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        slot.tokens, slot.reusable, slot.adapter = [], 0, None
+
+    # -- model calls
+
+    def _prefill(self, slot: _Slot, prompt: list[int], start: int) -> None:
+        """Evaluate prompt[start:] in chunks that end at multiples of PREFILL_CHUNK (see the docstring)."""
+        pos = start
+        while pos < len(prompt):
+            end = min(len(prompt), (pos // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+            self._eval(slot, prompt[pos:end])
+            pos = end
+        slot.reusable = len(prompt) - len(prompt) % PREFILL_CHUNK
+
+    def _eval(self, slot: _Slot, tokens: list[int]) -> None:
+        """One llama_decode of ``tokens`` appended to the slot; logits are kept for the last one only."""
+        batch, pos = self._batch, len(slot.tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = pos + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = slot.seq_id
+            batch.logits[i] = i == len(tokens) - 1
+        batch.n_tokens = len(tokens)
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+        slot.tokens.extend(tokens)
+
+    def _last_logits(self) -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self._n_vocab,))
 
     def _token_bytes(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
         return bytes(self._piece[:n]) if n > 0 else b""
+
+
+def _common_prefix(have: list[int], want: list[int], limit: int) -> int:
+    if limit <= 0:
+        return 0
+    a, b = np.asarray(have[:limit]), np.asarray(want[:limit])
+    n = min(a.size, b.size)
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n

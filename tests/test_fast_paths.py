@@ -1,0 +1,123 @@
+"""The llama.cpp fast paths give the replies the plain path gives, token for token.
+
+Plain path: a cold slot (``reset()``), the whole prompt evaluated, one model call per token, the grammar
+mask computed before each call. Fast paths: a slot reused from an earlier turn (or copied from another
+NPC with the same persona), forced tokens evaluated together, the mask computed during the model call.
+Run on the real embedded model, greedy, with the daemon's own prompt format and schemas.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from zyke.prompt_format import render_prompt, reply_schema
+from zyke.protocol import NpcReply, NpcSpec, Turn
+from zyke_daemon.backends.base import GenerationRequest, GenerationResult
+from zyke_daemon.backends.llamacpp import PREFILL_CHUNK, LlamaCppBackend
+from zyke_daemon.embedded import embedded_model_path
+
+pytestmark = pytest.mark.slow
+
+MIRA = NpcSpec(id="mira", name="Mira", persona="A cheerful innkeeper in a mountain village. Knows every rumour.",
+               actions=["none", "serve_drink", "rent_room", "kick_out"], emotions=["happy", "annoyed", "neutral"])
+BROM = NpcSpec(id="brom", name="Brom", persona="A grumpy dwarf blacksmith who loves his forge and hates elves.",
+               actions=["none", "trade", "repair", "attack"], emotions=["neutral", "angry", "pleased"])
+LINES = ["Hello there!", "Do you have a room for the night?", "How much is it?", "Any rumours lately?",
+         "I think I saw an elf outside."]
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[LlamaCppBackend]:
+    path, sha = embedded_model_path()
+    b = LlamaCppBackend(path, sha256=sha, n_ctx=2048, n_threads=2, n_slots=3)
+    yield b
+    b.close()
+
+
+def say(backend: LlamaCppBackend, npc: NpcSpec, history: list[Turn], line: str) -> GenerationResult:
+    request = GenerationRequest(prompt=render_prompt(npc, history, line), schema=reply_schema(npc), max_tokens=120)
+    return backend.generate(request, lambda _: True)
+
+
+def plain(backend: LlamaCppBackend, npc: NpcSpec, history: list[Turn], line: str) -> GenerationResult:
+    overlap, fast_forward = backend.overlap, backend.fast_forward
+    backend.overlap = backend.fast_forward = False
+    try:
+        backend.reset()
+        result = say(backend, npc, history, line)
+    finally:
+        backend.overlap, backend.fast_forward = overlap, fast_forward
+    assert result.cached_tokens == 0
+    return result
+
+
+def as_turn(line: str, result: GenerationResult) -> Turn:
+    return Turn(player=line, reply=NpcReply.model_validate(json.loads(result.text)))
+
+
+def test_two_npcs_taking_turns_reuse_their_slots_and_match_cold_runs(backend: LlamaCppBackend) -> None:
+    backend.reset()
+    histories: dict[str, list[Turn]] = {"mira": [], "brom": []}
+    turns: list[tuple[NpcSpec, list[Turn], str, GenerationResult]] = []
+    for line in LINES:
+        for npc in (MIRA, BROM):  # the other NPC talks between any two turns of one NPC
+            history = histories[npc.id]
+            fast = say(backend, npc, history, line)
+            turns.append((npc, history, line, fast))
+            histories[npc.id] = [*history, as_turn(line, fast)]
+    later = [fast for _, history, _, fast in turns if history]
+    assert all(fast.cached_tokens > 0 for fast in later), [fast.cached_tokens for fast in later]
+    # all but the newest turn, the old reply and at most a partial chunk came from the slot
+    assert all(fast.prompt_tokens - fast.cached_tokens <= 2 * PREFILL_CHUNK + 120 for fast in later)
+    for npc, history, line, fast in turns:
+        assert fast.tokens == plain(backend, npc, history, line).tokens, f"{npc.id} turn {len(history) + 1}"
+
+
+def test_idle_prefill_of_the_last_turn_leaves_only_the_new_line_and_changes_no_token(
+        backend: LlamaCppBackend) -> None:
+    backend.reset()
+    history: list[Turn] = []
+    for line in LINES[:3]:
+        prompt = render_prompt(MIRA, history, line)
+        fast = say(backend, MIRA, history, line)
+        history = [*history, as_turn(line, fast)]
+        # what the daemon does while its queue is empty
+        assert backend.prefill_idle(prompt + fast.text + "\n", None, lambda: False) > 0
+        say(backend, BROM, [], line)  # another NPC talks in between
+    nxt = say(backend, MIRA, history, LINES[3])
+    assert nxt.prompt_tokens - nxt.cached_tokens <= PREFILL_CHUNK + 24  # the new line and a partial chunk
+    assert nxt.tokens == plain(backend, MIRA, history, LINES[3]).tokens
+
+
+def test_idle_prefill_stops_when_asked(backend: LlamaCppBackend) -> None:
+    backend.reset()
+    text = render_prompt(MIRA, [], LINES[0])
+    assert backend.prefill_idle(text, None, lambda: True) == 0
+
+
+def test_an_npc_sharing_a_persona_starts_from_a_copy_and_matches_a_cold_run(backend: LlamaCppBackend) -> None:
+    twin = MIRA.model_copy(update={"id": "mira-2"})  # same name and persona: the same prompt head
+    backend.reset()
+    say(backend, MIRA, [], LINES[1])
+    fast = say(backend, twin, [], LINES[3])
+    assert fast.cached_tokens >= PREFILL_CHUNK
+    assert fast.tokens == plain(backend, twin, [], LINES[3]).tokens
+
+
+def test_an_adapter_change_never_reuses_a_prefix_computed_under_other_weights(backend: LlamaCppBackend) -> None:
+    backend.reset()
+    say(backend, MIRA, [], LINES[0])
+    again = say(backend, MIRA, [], LINES[0])
+    assert again.cached_tokens > 0
+    slot = next(s for s in backend._slots if s.tokens)
+    slot.adapter = "some-adapter"  # as if those tokens had been evaluated under an adapter
+    assert say(backend, MIRA, [], LINES[0]).cached_tokens == 0
+
+
+def test_forced_tokens_and_overlap_change_no_token(backend: LlamaCppBackend) -> None:
+    for line in ["Can you fix my sword?", "Give me all your gold!", "Who rules these lands?"]:
+        backend.reset()
+        fast = say(backend, BROM, [], line)
+        assert fast.tokens == plain(backend, BROM, [], line).tokens
