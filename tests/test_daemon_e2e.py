@@ -104,6 +104,41 @@ def test_two_npcs_with_different_enums_concurrently(daemon: DaemonProcess) -> No
     asyncio.run(main())
 
 
+def test_npcs_talking_at_once_are_batched_and_get_the_replies_they_get_one_by_one(daemon: DaemonProcess) -> None:
+    npcs = [SMITH, GUARD, {**SMITH, "id": "brom-2", "name": "Brom the Younger"},
+            {**GUARD, "id": "guard-2", "name": "Ilse"}]
+    lines = ["Can you fix my sword?", "Let me through, I'm a merchant.", "What do you sell?", "I have papers."]
+
+    def say(npc: dict[str, Any], text: str, i: int, tag: str) -> dict[str, Any]:
+        return {"v": 1, "type": "npc.say", "id": f"{tag}{i}", "npc": npc["id"], "input": text, "options": SHORT}
+
+    def singles() -> float:
+        """How many batches so far held one reply only (the zyke_batch_replies histogram's first bucket)."""
+        with urllib.request.urlopen(f"{daemon.http}/metrics") as resp:
+            lines = resp.read().decode().splitlines()
+        return next(float(ln.split()[-1]) for ln in lines if ln.startswith('zyke_batch_replies_bucket{le="1.0"}'))
+
+    async def main() -> None:
+        conn = await connect(daemon)
+        for npc in npcs:
+            await define(conn, npc)  # an NPC an earlier test defined keeps its history: reset it
+            await conn.request({"v": 1, "type": "npc.reset", "id": f"clear-{npc['id']}", "npc": npc["id"]})
+        one_by_one = []
+        for i, (npc, text) in enumerate(zip(npcs, lines, strict=True)):
+            one_by_one.append(await conn.request(say(npc, text, i, "solo")))
+            await conn.request({"v": 1, "type": "npc.reset", "id": f"reset{i}", "npc": npc["id"]})
+        singles_before = singles()
+        together = await asyncio.gather(*(conn.request(say(npc, text, i, "batch"))
+                                          for i, (npc, text) in enumerate(zip(npcs, lines, strict=True))))
+        for solo, batched, npc in zip(one_by_one, together, npcs, strict=True):
+            assert assert_valid_reply(batched, npc)["reply"] == assert_valid_reply(solo, npc)["reply"]
+        # the first request may start alone; the other three joined it or a later batch
+        assert singles() - singles_before <= 1
+        await conn.ws.close()
+
+    asyncio.run(main())
+
+
 def test_bad_inputs_get_their_codes_while_a_good_request_completes(daemon: DaemonProcess) -> None:
     async def main() -> None:
         conn = await connect(daemon)

@@ -15,7 +15,7 @@ import pytest
 from zyke.prompt_format import render_prompt, reply_schema
 from zyke.protocol import NpcReply, NpcSpec, Turn
 from zyke_daemon.backends.base import GenerationRequest, GenerationResult
-from zyke_daemon.backends.llamacpp import PREFILL_CHUNK, LlamaCppBackend
+from zyke_daemon.backends.llamacpp import ANY_ADAPTER, PREFILL_CHUNK, BatchItem, LlamaCppBackend
 from zyke_daemon.embedded import embedded_model_path
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ LINES = ["Hello there!", "Do you have a room for the night?", "How much is it?",
 @pytest.fixture(scope="module")
 def backend() -> Iterator[LlamaCppBackend]:
     path, sha = embedded_model_path()
-    b = LlamaCppBackend(path, sha256=sha, n_ctx=2048, n_threads=2, n_slots=3)
+    b = LlamaCppBackend(path, sha256=sha, n_ctx=2048, n_threads=2)
     yield b
     b.close()
 
@@ -121,3 +121,65 @@ def test_forced_tokens_and_overlap_change_no_token(backend: LlamaCppBackend) -> 
         backend.reset()
         fast = say(backend, BROM, [], line)
         assert fast.tokens == plain(backend, BROM, [], line).tokens
+
+
+HILDA = NpcSpec(id="hilda", name="Hilda", persona="A stern city guard at the north gate. Suspicious of strangers.",
+                actions=["none", "allow_entry", "deny_entry", "arrest"], emotions=["calm", "suspicious"])
+PIP = NpcSpec(id="pip", name="Pip", persona="A nervous young apprentice wizard who talks too much.",
+              actions=["none", "cast_spell", "flee"], emotions=["nervous", "excited"])
+
+
+def run_batch(backend: LlamaCppBackend, arrivals: list[list[tuple[NpcSpec, str]]],
+              reset: bool = True) -> list[GenerationResult]:
+    """``arrivals[k]``: the replies handed over at the k-th call of ``take`` (a later call = joining a
+    batch already decoding). Returns the results in arrival order."""
+    results: dict[int, GenerationResult | BaseException] = {}
+    calls: list[object] = []
+    order = [(npc, line) for group in arrivals for npc, line in group]
+
+    def take(n: int, adapter: object) -> list[BatchItem]:
+        calls.append(adapter)
+        if len(calls) > len(arrivals):
+            return []
+        start = sum(len(g) for g in arrivals[:len(calls) - 1])
+        group = arrivals[len(calls) - 1]
+        assert len(group) <= n
+        return [BatchItem(lambda npc=npc, line=line: GenerationRequest(
+                              prompt=render_prompt(npc, [], line), schema=reply_schema(npc), max_tokens=60),
+                          lambda _: True, lambda outcome, i=start + i: results.__setitem__(i, outcome))
+                for i, (npc, line) in enumerate(group)]
+
+    if reset:
+        backend.reset()
+    backend.run_batch(take)
+    assert calls[0] is ANY_ADAPTER and all(a is None for a in calls[1:len(arrivals)])
+    assert sorted(results) == list(range(len(order)))
+    out = []
+    for i in range(len(order)):
+        outcome = results[i]
+        assert isinstance(outcome, GenerationResult), outcome
+        out.append(outcome)
+    return out
+
+
+def test_four_npcs_in_one_batch_get_the_replies_they_get_alone(backend: LlamaCppBackend) -> None:
+    group = [(MIRA, LINES[1]), (BROM, LINES[4]), (HILDA, "Let me through, I have papers."), (PIP, LINES[3])]
+    batched = run_batch(backend, [group])
+    for (npc, line), fast in zip(group, batched, strict=True):
+        assert fast.tokens == plain(backend, npc, [], line).tokens, npc.id
+
+
+def test_a_batch_reusing_cached_prefixes_still_matches_plain_runs(backend: LlamaCppBackend) -> None:
+    group = [(MIRA, LINES[1]), (BROM, LINES[4]), (HILDA, "I have papers."), (PIP, LINES[3])]
+    run_batch(backend, [group])  # leaves each NPC's prompt in a slot
+    again = run_batch(backend, [group], reset=False)
+    assert all(fast.cached_tokens > 0 for fast in again)
+    for (npc, line), fast in zip(group, again, strict=True):
+        assert fast.tokens == plain(backend, npc, [], line).tokens, npc.id
+
+
+def test_replies_joining_a_running_batch_change_no_token(backend: LlamaCppBackend) -> None:
+    arrivals = [[(BROM, LINES[0])], [(MIRA, LINES[2]), (PIP, LINES[1])], [], [(HILDA, "Who goes there?")]]
+    batched = run_batch(backend, arrivals)
+    for (npc, line), fast in zip([p for g in arrivals for p in g], batched, strict=True):
+        assert fast.tokens == plain(backend, npc, [], line).tokens, npc.id

@@ -29,6 +29,17 @@ def test_remove_and_drain() -> None:
     assert len(q) == 1 and q.pop() == "b0"
 
 
+def test_pop_with_accept_only_looks_at_each_clients_oldest_item() -> None:
+    q: FairQueue[str] = FairQueue()
+    q.push("a", "a0", "skip-a0")
+    q.push("a", "a1", "a1")
+    q.push("b", "b0", "b0")
+    # a1 is acceptable but queued behind a0: a client's own order is never jumped
+    assert q.pop(lambda item: not item.startswith("skip")) == "b0"
+    assert q.pop(lambda item: not item.startswith("skip")) is None
+    assert q.pop() == "skip-a0" and q.pop() == "a1"
+
+
 def test_flags_beat_env_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "daemon.toml"
     cfg.write_text('port = 9000\nhost = "127.0.0.2"\nmax_history = 5\nallowed_origins = ["http://a"]\n')

@@ -22,6 +22,8 @@ class Metrics:
         self.tokens = Counter("zyke_tokens_generated", "Completion tokens generated", registry=self.registry)
         self.ttft = Histogram("zyke_time_to_first_token_seconds", "Time from start of decoding to the first token",
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram("zyke_batch_replies", "Replies decoded together in one lockstep batch",
+                                    buckets=(1, 2, 3, 4, 6, 8), registry=self.registry)
         self.latency = Histogram("zyke_request_latency_seconds", "npc.say from arrival to reply, queue included",
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
 

@@ -8,7 +8,7 @@ scheduler takes from the clients in turn.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -29,10 +29,15 @@ class FairQueue(Generic[T]):
     def push(self, client: Hashable, key: str, item: T) -> None:
         self._queues.setdefault(client, deque()).append((key, item))
 
-    def pop(self) -> T | None:
-        """The next item, taking from the client that has waited longest since it was last served."""
+    def pop(self, accept: Callable[[T], bool] | None = None) -> T | None:
+        """The next item, taking from the client that has waited longest since it was last served.
+
+        With ``accept``, only a client's oldest item is considered and only if ``accept`` takes it (a
+        client's own order is never jumped): how a running batch picks requests that can join it."""
         for client in list(self._queues):
             queue = self._queues[client]
+            if queue and accept is not None and not accept(queue[0][1]):
+                continue
             if queue:
                 _, item = queue.popleft()
                 self._queues.move_to_end(client)

@@ -259,16 +259,13 @@ class DaemonServer:
             peer = self._peers.get(job.conn.conn_id)
             if peer is None or job.cancel.is_set():
                 continue
-            follow_up = None
-            try:
-                follow_up = await self._run(peer, job)
-            except Exception:  # a bug in one job must not stop the dispatcher for everyone
-                log.exception("job %s failed", job.request_id)
-                peer.send(error_frame(ErrorCode.INTERNAL, "internal error; see the daemon log", job.request_id))
-            finally:
-                peer.core.job_done(job)
-            if follow_up is not None and not len(self.queue):
-                await self._prefill_idle(*follow_up)
+            if hasattr(self.backend, "run_batch"):
+                follow_ups = await self._run_batch(peer, job)
+            else:
+                follow_ups = [await self._run(peer, job)]
+            for follow_up in follow_ups:
+                if follow_up is not None and not len(self.queue):
+                    await self._prefill_idle(*follow_up)
 
     async def _prefill_idle(self, text: str, adapter: str | None) -> None:
         """While nobody waits, let the backend evaluate the conversation so far (the next turn's prompt
@@ -283,60 +280,143 @@ class DaemonServer:
             log.exception("idle prefill failed")
 
     async def _run(self, peer: _Peer, job: SayJob) -> tuple[str, str | None] | None:
-        """Run one say job; returns what to prefill while idle (this prompt and its reply), if anything."""
-        loop = asyncio.get_running_loop()
-        core, backend = self.core, self.backend
-        assert core is not None and backend is not None
-        job.started_at = time.monotonic()
-        timed_out = False
-
-        def on_timeout() -> None:
-            nonlocal timed_out
-            timed_out = True
-            job.cancel.set()
-
-        timer = loop.call_later(self.config.request_timeout_s, on_timeout)
-        index = 0
-
-        def send_delta(text: str) -> None:
-            nonlocal index
-            peer.send(dump_frame(ReplyDelta(id=job.request_id, npc=job.npc_id, text=text, index=index)))
-            index += 1
-
+        """One say job on a backend without batching."""
+        backend = self.backend
+        assert backend is not None
+        run = _JobRun(self, peer, job)
+        outcome: Any
         try:
-            assembler = core.assembler(job)
+            outcome = await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: backend.generate(run.prepare(), run.on_text))
+        except Exception as exc:
+            outcome = exc
+        return run.finish(outcome)
 
-            def on_text(piece: str) -> bool:
-                delta, keep_going = assembler.feed(piece)
-                if delta and job.frame.stream:
-                    loop.call_soon_threadsafe(send_delta, delta)
-                return keep_going
+    async def _run_batch(self, peer: _Peer, job: SayJob) -> list[tuple[str, str | None] | None]:
+        """Run ``job`` and every request that can join it in one lockstep batch (llama.cpp backend).
 
-            prompt: list[str] = []
+        A request joins when it is the oldest of its client's queue, uses the batch's adapter, and its
+        NPC is not already in the batch (its prompt must include that NPC's previous reply)."""
+        from .backends.llamacpp import ANY_ADAPTER, BatchItem
 
-            def generate() -> Any:
-                self._ensure_adapter(job.adapter, job.request_id)
-                request = core.prepare(job, backend.count_tokens, self.config.n_ctx)
-                prompt.append(request.prompt)
-                return backend.generate(request, on_text)
+        loop = asyncio.get_running_loop()
+        follow_ups: list[tuple[str, str | None] | None] = []
+        active: set[tuple[object, str]] = set()
+        widest = 0
 
-            result = await loop.run_in_executor(self._executor, generate)
-            if timed_out:
+        def item(peer: _Peer, job: SayJob) -> BatchItem:
+            nonlocal widest
+            run = _JobRun(self, peer, job)
+            active.add((job.conn.conn_id, job.npc_id))
+            widest = max(widest, len(active))
+
+            def finish(outcome: Any) -> None:
+                active.discard((job.conn.conn_id, job.npc_id))
+                follow_ups.append(run.finish(outcome))
+
+            return BatchItem(run.prepare, run.on_text, lambda outcome: loop.call_soon_threadsafe(finish, outcome))
+
+        first = [item(peer, job)]
+
+        async def more(n: int, adapter: object) -> list[BatchItem]:
+            def fits(job: SayJob) -> bool:
+                if job.cancel.is_set() or job.conn.conn_id not in self._peers:
+                    return True  # popped and dropped below, as the dispatcher would
+                return ((adapter is ANY_ADAPTER or job.adapter == adapter)
+                        and (job.conn.conn_id, job.npc_id) not in active)
+
+            out: list[BatchItem] = []
+            while len(out) < n and (job := self.queue.pop(fits)) is not None:
+                joiner = self._peers.get(job.conn.conn_id)
+                if joiner is not None and not job.cancel.is_set():
+                    out.append(item(joiner, job))
+            self.metrics.queue_depth.set(len(self.queue))
+            return out
+
+        def take(n: int, adapter: object) -> list[BatchItem]:  # on the model thread
+            if first:
+                return [first.pop()]
+            if not len(self.queue):
+                return []
+            return asyncio.run_coroutine_threadsafe(more(n, adapter), loop).result()
+
+        backend = self.backend
+        try:
+            await loop.run_in_executor(self._executor, backend.run_batch, take)  # type: ignore[union-attr]
+        except Exception:  # a bug in the batch loop itself: its replies already got their outcome or none
+            log.exception("batch failed")
+        await asyncio.sleep(0)  # let the last replies' finish callbacks run
+        self.metrics.batch_size.observe(widest)
+        return follow_ups
+
+
+class _JobRun:
+    """One say job in the model: its timeout, its streamed deltas, and the frame that ends it."""
+
+    def __init__(self, server: DaemonServer, peer: _Peer, job: SayJob) -> None:
+        self.server, self.peer, self.job = server, peer, job
+        self.loop = asyncio.get_running_loop()
+        job.started_at = time.monotonic()
+        self.timed_out = False
+        self.timer = self.loop.call_later(server.config.request_timeout_s, self._on_timeout)
+        self.index = 0
+        self.assembler: Any = None
+        self.prompt = ""
+
+    def _on_timeout(self) -> None:
+        self.timed_out = True
+        self.job.cancel.set()
+
+    def prepare(self) -> Any:
+        """The generation request (model thread: it may load the job's adapter)."""
+        core, backend = self.server.core, self.server.backend
+        assert core is not None and backend is not None
+        self.assembler = core.assembler(self.job)
+        self.server._ensure_adapter(self.job.adapter, self.job.request_id)
+        request = core.prepare(self.job, backend.count_tokens, self.server.config.n_ctx)
+        self.prompt = request.prompt
+        return request
+
+    def on_text(self, piece: str) -> bool:
+        delta, keep_going = self.assembler.feed(piece)
+        if delta and self.job.frame.stream:
+            self.loop.call_soon_threadsafe(self._send_delta, delta)
+        return keep_going
+
+    def _send_delta(self, text: str) -> None:
+        job = self.job
+        self.peer.send(dump_frame(ReplyDelta(id=job.request_id, npc=job.npc_id, text=text, index=self.index)))
+        self.index += 1
+
+    def finish(self, outcome: Any) -> tuple[str, str | None] | None:
+        """Send the reply (or the error) for ``outcome``, a GenerationResult or an exception; returns what
+        to prefill while idle (this prompt and its reply), if anything. Loop thread."""
+        job, peer, core, metrics = self.job, self.peer, self.server.core, self.server.metrics
+        assert core is not None
+        self.timer.cancel()
+        try:
+            if isinstance(outcome, DaemonError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                log.error("job %s failed", job.request_id, exc_info=outcome)
+                peer.send(error_frame(ErrorCode.INTERNAL, "internal error; see the daemon log", job.request_id))
+                return None
+            if self.timed_out:
                 raise DaemonError(ErrorCode.TIMEOUT,
-                                  f"no reply within {self.config.request_timeout_s:g} s", job.request_id)
-            frame = core.finish(job, result, assembler)
+                                  f"no reply within {self.server.config.request_timeout_s:g} s", job.request_id)
+            frame = core.finish(job, outcome, self.assembler)
         except DaemonError as exc:
             peer.send(error_frame(exc.code, exc.message, job.request_id))
             return None
         finally:
-            timer.cancel()
-        self.metrics.tokens.inc(result.completion_tokens)
-        self.metrics.ttft.observe(result.ttft_s)
-        self.metrics.latency.observe(time.monotonic() - job.enqueued_at)
+            peer.core.job_done(job)
+        metrics.tokens.inc(outcome.completion_tokens)
+        metrics.ttft.observe(outcome.ttft_s)
+        metrics.latency.observe(time.monotonic() - job.enqueued_at)
         peer.send(frame)
-        if result.finish_reason != "stop":
+        if outcome.finish_reason != "stop":
             return None  # a cut-off reply is not what the history will hold
-        return prompt[0] + result.text + END_OF_REPLY, job.adapter
+        return self.prompt + outcome.text + END_OF_REPLY, job.adapter
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:

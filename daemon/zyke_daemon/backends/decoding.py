@@ -38,6 +38,94 @@ def compile_schema(schema_json: str) -> str:
     return LLMatcher.grammar_from_json_schema(schema)
 
 
+class SequenceDecoder:
+    """One reply, one step at a time: the state of the decode loop without the loop, so that a backend
+    can advance several replies in one model call (``LlamaCppBackend.run_batch``).
+
+    ``step(logits, fast_forward)`` takes the logits for the next position and returns the tokens to
+    evaluate next (the picked token, plus the grammar's forced tokens when ``fast_forward``), or None
+    when the reply is finished; ``result()`` then describes it.
+    """
+
+    def __init__(self, request: GenerationRequest, tokenizer: LLTokenizer, n_vocab: int, eos: set[int],
+                 token_bytes: Callable[[int], bytes], on_text: OnText, prompt_tokens: int, cached_tokens: int,
+                 started: float) -> None:
+        self.request, self._n_vocab, self._eos = request, n_vocab, eos
+        self._token_bytes, self._on_text = token_bytes, on_text
+        self._prompt_tokens, self._cached_tokens, self._started = prompt_tokens, cached_tokens, started
+        self._matcher = LLMatcher(tokenizer, compile_schema(json.dumps(request.schema)))
+        if self._matcher.is_error():
+            raise RuntimeError(f"reply schema did not compile: {self._matcher.get_error()}")
+        self._bitmask = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+        self._mask_ready = False
+        self._rng = np.random.default_rng(request.seed)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.generated: list[int] = []
+        self._text: list[str] = []
+        self._ttft = 0.0
+        self._finish: FinishReason = "length"
+        self.done = False
+
+    def compute_mask(self) -> None:
+        """The allowed tokens for the next position; depends only on the tokens chosen so far, so it may
+        run while the model evaluates them."""
+        self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
+        self._mask_ready = True
+
+    def check_cancel(self) -> bool:
+        if not self.done and self.request.cancel.is_set():
+            self._finish, self.done = "cancelled", True
+        return self.done
+
+    def step(self, logits: np.ndarray, fast_forward: bool = True) -> list[int] | None:
+        if self.check_cancel() or self._stop_if(len(self.generated) >= self.request.max_tokens, "length"):
+            return None
+        if not self._mask_ready:
+            self.compute_mask()
+        self._mask_ready = False
+        logits = logits[: self._n_vocab]
+        if self.request.repeat_penalty != 1.0 and self.generated:
+            logits = penalize_repeats(logits, self.generated, self.request.repeat_penalty)
+        token = pick(logits, self._bitmask, self._n_vocab, self.request, self._rng)
+        if not self.generated:
+            self._ttft = time.perf_counter() - self._started
+        if self._stop_if(token in self._eos, "stop"):
+            return None
+        feed = [token]
+        keep_going = self._emit(token)
+        if fast_forward and keep_going and not self._matcher.is_stopped():
+            for forced in self._matcher.compute_ff_tokens()[: self.request.max_tokens - len(self.generated)]:
+                if forced in self._eos:
+                    break
+                feed.append(forced)
+                if not (keep_going := self._emit(forced)) or self._matcher.is_stopped():
+                    break
+        if self._stop_if(self._matcher.is_stopped() or not keep_going, "stop"):
+            return None
+        if self._stop_if(len(self.generated) >= self.request.max_tokens, "length"):
+            return None
+        return feed
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(text="".join(self._text), finish_reason=self._finish,
+                                prompt_tokens=self._prompt_tokens, completion_tokens=len(self.generated),
+                                cached_tokens=self._cached_tokens, ttft_s=self._ttft,
+                                total_s=time.perf_counter() - self._started, tokens=list(self.generated))
+
+    def _stop_if(self, condition: bool, reason: FinishReason) -> bool:
+        if condition:
+            self._finish, self.done = reason, True
+        return condition
+
+    def _emit(self, token: int) -> bool:
+        if not self._matcher.consume_token(token):
+            raise RuntimeError(f"grammar rejected token {token}: {self._matcher.get_error()}")
+        self.generated.append(token)
+        piece = self._utf8.decode(self._token_bytes(token))
+        self._text.append(piece)
+        return self._on_text(piece) if piece else True
+
+
 def decode(
     request: GenerationRequest,
     tokenizer: LLTokenizer,
@@ -67,66 +155,16 @@ def decode(
       its thread (llama.cpp releases the GIL) while this thread computes the mask for the next step,
       which depends only on the tokens already chosen.
     """
-    matcher = LLMatcher(tokenizer, compile_schema(json.dumps(request.schema)))
-    if matcher.is_error():
-        raise RuntimeError(f"reply schema did not compile: {matcher.get_error()}")
-    bitmask = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
-    rng = np.random.default_rng(request.seed)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    generated: list[int] = []
-    text: list[str] = []
-    ttft = 0.0
-    finish: FinishReason = "length"
-    mask_ready = False
-
-    def emit(token: int) -> bool:
-        if not matcher.consume_token(token):
-            raise RuntimeError(f"grammar rejected token {token}: {matcher.get_error()}")
-        generated.append(token)
-        piece = decoder.decode(token_bytes(token))
-        text.append(piece)
-        return on_text(piece) if piece else True
-
-    while len(generated) < request.max_tokens:
-        if request.cancel.is_set():
-            finish = "cancelled"
-            break
-        if not mask_ready:
-            matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
-        mask_ready = False
-        logits = next_logits()[:n_vocab]
-        if request.repeat_penalty != 1.0 and generated:
-            logits = penalize_repeats(logits, generated, request.repeat_penalty)
-        token = pick(logits, bitmask, n_vocab, request, rng)
-        if not generated:
-            ttft = time.perf_counter() - started
-        if token in eos:
-            finish = "stop"
-            break
-        feed = [token]
-        keep_going = emit(token)
-        if fast_forward and keep_going and not matcher.is_stopped():
-            for forced in matcher.compute_ff_tokens()[: request.max_tokens - len(generated)]:
-                if forced in eos:
-                    break
-                feed.append(forced)
-                if not (keep_going := emit(forced)) or matcher.is_stopped():
-                    break
-        if matcher.is_stopped() or not keep_going:
-            finish = "stop"
-            break
-        if len(generated) >= request.max_tokens:
-            break
+    seq = SequenceDecoder(request, tokenizer, n_vocab, eos, token_bytes, on_text, prompt_tokens, cached_tokens,
+                          started)
+    while (feed := seq.step(next_logits(), fast_forward)) is not None:
         if executor is None:
             advance(feed)
         else:
             running = executor.submit(advance, feed)
-            matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
-            mask_ready = True
+            seq.compute_mask()
             running.result()
-    return GenerationResult(text="".join(text), finish_reason=finish, prompt_tokens=prompt_tokens,
-                            completion_tokens=len(generated), cached_tokens=cached_tokens, ttft_s=ttft,
-                            total_s=time.perf_counter() - started, tokens=generated)
+    return seq.result()
 
 
 def is_allowed(bitmask: np.ndarray, token: int) -> bool:

@@ -1,0 +1,380 @@
+"""zyke-daemon benchmarks: every figure a ratio against a baseline measured in the same run.
+
+    python tools/bench/run.py [--rounds 3] [--tokens 48] [--json tools/bench/results/bench.json]
+
+Embedded model (Gemma 3 270M Q4_K_M), llama.cpp, 2 threads. Figures (tools/bench/README.md says more):
+
+1. overhead     npc.say through the SDK and a real daemon (subprocess, loopback), constrained /
+                llama-cpp-python's create_completion on the same prompt text, greedy, unconstrained,
+                the same number of tokens; a new player line each round, each side reusing its own
+                prompt cache
+2. constrained  decode tokens/s of the daemon's backend under the NPC reply schema / llama.cpp's C API in
+                a tight greedy loop (default settings), unconstrained, same prompt
+3. multi-turn   time to first token at an NPC's 5th turn (another NPC talking between turns) / the same
+                prompt cold
+4. concurrency  aggregate tokens/s of 4 NPCs talking at once through the daemon / the same 4 requests
+                one after another;
+                4b: the same ratio for raw llama.cpp decoding 4 sequences in one batch (the ceiling
+                batching could reach on this machine)
+5. bound        raw decode tokens/s / (measured copy bandwidth / weight bytes read per token)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from daemon_proc import DaemonProcess  # noqa: E402
+from zyke import Client  # noqa: E402
+from zyke.prompt_format import END_OF_REPLY, render_prompt, reply_schema  # noqa: E402
+from zyke.protocol import NpcReply, NpcSpec, Turn  # noqa: E402
+from zyke_daemon.backends.base import GenerationRequest, GenerationResult  # noqa: E402
+from zyke_daemon.backends.llamacpp import LlamaCppBackend  # noqa: E402
+from zyke_daemon.embedded import embedded_model_path  # noqa: E402
+
+NPCS = [
+    NpcSpec(id="mira", name="Mira", persona="A cheerful innkeeper in a mountain village.",
+            actions=["none", "serve_drink", "rent_room", "kick_out"], emotions=["happy", "annoyed", "neutral"]),
+    NpcSpec(id="brom", name="Brom", persona="A grumpy dwarf blacksmith who loves his forge.",
+            actions=["none", "trade", "repair", "attack"], emotions=["neutral", "angry", "pleased"]),
+    NpcSpec(id="hilda", name="Hilda", persona="A stern city guard at the north gate.",
+            actions=["none", "allow_entry", "deny_entry", "arrest"], emotions=["calm", "suspicious"]),
+    NpcSpec(id="pip", name="Pip", persona="A nervous young apprentice wizard who talks too much.",
+            actions=["none", "cast_spell", "flee"], emotions=["nervous", "excited"]),
+]
+LINE = "Tell me everything about this place and the people who live here."
+THREADS = 2
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = next((int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem_kb / 2**20, 1),
+            "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
+            "threads": THREADS, "load_avg_1m_at_start": os.getloadavg()[0],
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def decode_rate(r: GenerationResult) -> float:
+    return max(r.completion_tokens - 1, 1) / max(r.total_s - r.ttft_s, 1e-9)
+
+
+def request(npc: NpcSpec, tokens: int, history: list[Turn] | None = None, line: str = LINE) -> GenerationRequest:
+    return GenerationRequest(prompt=render_prompt(npc, history or [], line), schema=reply_schema(npc),
+                             max_tokens=tokens)
+
+
+# -- figures -------------------------------------------------------------------------------------------
+
+
+def raw_llama(path: Path) -> llama_cpp.Llama:
+    """llama-cpp-python as its README uses it: defaults, except the thread count."""
+    return llama_cpp.Llama(str(path), n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+
+
+def raw_completion_s(llm: llama_cpp.Llama, prompt: str, n_tokens: int) -> tuple[float, int]:
+    """Seconds for one create_completion of exactly ``n_tokens`` (EOS banned so it cannot stop early).
+    Not reset: like the daemon, it reuses whatever prefix of the previous prompt it still holds."""
+    start = time.perf_counter()
+    out = llm.create_completion(prompt, max_tokens=n_tokens, temperature=0.0, stop=[],
+                                logit_bias={llm.token_eos(): -1e9})
+    return time.perf_counter() - start, int(out["usage"]["completion_tokens"])  # type: ignore[index]
+
+
+def constrained_vs_raw(path: Path, sha: str, rounds: int, tokens: int) -> dict[str, Any]:
+    """Decode rates on the same prompts, alternating rounds so load drift hits both sides. The baseline is
+    llama.cpp's C API in a tight loop (greedy argmax, llama.cpp's default settings): the fastest way to
+    run this model from Python. Only one side's context is alive at a time: an idle llama.cpp context
+    next to a busy one measurably slows it (its threads still poll for work)."""
+    ours, base = [], []
+    for i in range(rounds):
+        line = f"{LINE} ({i})"
+        backend = LlamaCppBackend(path, sha256=sha, n_ctx=2048, n_threads=THREADS)
+        try:
+            backend.generate(request(NPCS[0], 4), lambda _: True)  # compile the grammar
+            backend.reset()
+            ours.append(decode_rate(backend.generate(request(NPCS[0], tokens, line=line), lambda _: True)))
+        finally:
+            backend.close()
+        raw = RawLlamaCpp(path)
+        try:
+            base.append(raw.greedy_tok_s(request(NPCS[0], 1, line=line).prompt, tokens))
+        finally:
+            raw.close()
+    return {"constrained_tok_s": med(ours), "raw_unconstrained_tok_s": med(base), "ratio": med(ours) / med(base),
+            "target": ">= 0.85"}
+
+
+def multi_turn(backend: LlamaCppBackend, rounds: int) -> dict[str, Any]:
+    """5th-turn TTFT from the slots (another NPC talks between each turn, and each turn is followed by the
+    daemon's idle-time prefill) vs the same prompt cold."""
+    npc, other = NPCS[0], NPCS[1]
+    lines = ["Hello there!", "Do you have a room?", "How much is it?", "Is breakfast included?",
+             "Any rumours lately?"]
+    warm, cold = [], []
+    for _ in range(rounds):
+        backend.reset()
+        history: list[Turn] = []
+        other_history: list[Turn] = []
+        for line in lines[:-1]:
+            for who, past in ((npc, history), (other, other_history)):
+                req = request(who, 40, past, line)
+                result = backend.generate(req, lambda _: True)
+                past.append(Turn(player=line, reply=_reply(result.text, who)))
+                # what the daemon does once its queue is empty (the player is reading and typing)
+                backend.prefill_idle(req.prompt + result.text + END_OF_REPLY, None, lambda: False)
+        fifth = request(npc, 4, history, lines[-1])
+        r = backend.generate(fifth, lambda _: True)
+        warm.append(r.ttft_s)
+        backend.reset()
+        cold.append(backend.generate(fifth, lambda _: True).ttft_s)
+    return {"ttft_turn5_ms": med(warm) * 1000, "ttft_cold_ms": med(cold) * 1000, "ratio": med(warm) / med(cold),
+            "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens, "target": "<= 0.3"}
+
+
+def _reply(text: str, npc: NpcSpec) -> NpcReply:
+    try:
+        return NpcReply.model_validate_json(text)
+    except ValueError:
+        return NpcReply(say="Hm.", emotion=npc.emotions[0], action=npc.actions[0])
+
+
+def daemon_figures(llm: llama_cpp.Llama, rounds: int, tokens: int) -> dict[str, Any]:
+    """Round trip through the SDK vs raw llama-cpp-python, and 4 NPCs at once vs one, on one daemon."""
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as home:
+        daemon = DaemonProcess(Path(home)).start()
+        try:
+            with Client(daemon.url, daemon.token, game="bench") as client:
+                npcs = [client.define(spec) for spec in NPCS]
+                for n in npcs:  # warm-up: page the model in, compile the grammars
+                    n.say(LINE, max_tokens=4)
+                    n.reset()
+                sdk, raw = [], []
+                raw_completion_s(llm, request(NPCS[0], 1).prompt, 4)  # the same warm-up for the baseline
+                for i in range(rounds):
+                    line = f"{LINE} (take {i})"  # a new line: both sides reuse only the prompt head
+                    npcs[0].reset()
+                    time.sleep(1.0)
+                    start = time.perf_counter()
+                    reply = npcs[0].say(line, max_tokens=tokens)
+                    sdk.append(time.perf_counter() - start)
+                    n_tokens = reply.usage.completion_tokens
+                    time.sleep(1.0)  # let the daemon's idle-time prefill finish: it would slow the baseline
+                    seconds, produced = raw_completion_s(llm, request(NPCS[0], 1, line=line).prompt, n_tokens)
+                    assert produced == n_tokens, (produced, n_tokens)
+                    raw.append(seconds)
+                out["overhead"] = {"sdk_daemon_ms": med(sdk) * 1000, "raw_llama_cpp_ms": med(raw) * 1000,
+                                   "ratio": med(sdk) / med(raw), "tokens": n_tokens, "target": "<= 1.05"}
+
+                def talk(n: Any, line: str, results: list[Any]) -> None:
+                    n.reset()
+                    results.append(n.say(line, max_tokens=tokens, timeout=600))
+
+                one, four = [], []
+                for i in range(rounds):
+                    results: list[Any] = []
+                    start = time.perf_counter()
+                    for n in npcs:  # the same four requests, each sent when the previous reply is in
+                        talk(n, f"{LINE} [{i}]", results)
+                    one.append(sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - start))
+                    results = []
+                    threads = [threading.Thread(target=talk, args=(n, f"{LINE} <{i}>", results)) for n in npcs]
+                    start = time.perf_counter()
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                    four.append(sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - start))
+                    ttfts = [r.timings.ttft_ms for r in results]
+                out["concurrency"] = {"one_npc_tok_s": med(one), "four_npcs_tok_s": med(four),
+                                      "ratio": med(four) / med(one), "ttft_ms_four": ttfts, "target": ">= 1.5"}
+        finally:
+            daemon.stop()
+    return out
+
+
+class RawLlamaCpp:
+    """llama.cpp's C API with its default model and context settings, driven in a tight loop."""
+
+    def __init__(self, path: Path) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_seq_max = 4096, 512, 4
+        params.n_threads = params.n_threads_batch = THREADS
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        self.batch = llama_cpp.llama_batch_init(512, 0, 4)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode()
+        out = (llama_cpp.llama_token * 4096)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), out, 4096, True, False)
+        return list(out[:n])
+
+    def _decode(self, items: list[tuple[int, int, int]]) -> None:
+        """(token, position, sequence) per row, logits for every row."""
+        b = self.batch
+        for i, (token, pos, seq) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, True
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(items)
+        if llama_cpp.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def _prefill(self, tokens: list[int], seqs: int) -> None:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        for seq in range(seqs):
+            self._decode([(t, i, seq) for i, t in enumerate(tokens)])
+
+    def greedy_tok_s(self, prompt: str, tokens: int) -> float:
+        """Greedy unconstrained decode rate after the prompt (prefill not timed)."""
+        ids = self.tokenize(prompt)
+        self._prefill(ids, 1)
+        start = time.perf_counter()
+        for step in range(tokens):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+            self._decode([(int(np.argmax(logits)), len(ids) + step, 0)])
+        return tokens / (time.perf_counter() - start)
+
+    def batched_tok_s(self, prompt: str, tokens: int, seqs: int) -> float:
+        """Aggregate decode rate with ``seqs`` sequences in every llama_decode (prefill not timed)."""
+        ids = self.tokenize(prompt)
+        self._prefill(ids, seqs)
+        start = time.perf_counter()
+        for step in range(tokens):
+            self._decode([(1000 + step, len(ids) + step, seq) for seq in range(seqs)])
+        return seqs * tokens / (time.perf_counter() - start)
+
+
+def raw_batching(raw: RawLlamaCpp, tokens: int) -> dict[str, Any]:
+    """What several sequences per llama_decode could gain on this machine at best."""
+    prompt = request(NPCS[0], 1).prompt
+    one = med([raw.batched_tok_s(prompt, tokens, 1) for _ in range(3)])
+    four = med([raw.batched_tok_s(prompt, tokens, 4) for _ in range(3)])
+    return {"one_seq_tok_s": one, "four_seq_tok_s": four, "ratio": four / one}
+
+
+def bound(path: Path, decode_tok_s: float) -> dict[str, Any]:
+    """Weight bytes read per decoded token / copy bandwidth. Counted: every tensor's bytes in full
+    except token_embd's input-side use (one row per token, negligible); token_embd IS counted in full
+    because the tied output matrix reads all 262,144 rows every token. KV cache reads are not counted."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    weights = sum(int(t.n_bytes) for t in reader.tensors)
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    row = int(embd.n_bytes) // int(embd.shape[1])
+    per_token = weights + row  # all weights (output matrix = token_embd, read in full) + the input row
+    a = np.ones(2**30 // 8, dtype=np.float64)  # 1 GiB
+    b = np.empty_like(a)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        np.copyto(b, a)
+        times.append(time.perf_counter() - start)
+    bandwidth = 2 * a.nbytes / min(times)  # read + write
+    limit = bandwidth / per_token
+    return {"bytes_per_token": per_token, "copy_bandwidth_gb_s": bandwidth / 1e9, "bound_tok_s": limit,
+            "decode_tok_s": decode_tok_s, "fraction": decode_tok_s / limit}
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--json", type=Path, default=ROOT / "tools" / "bench" / "results" / "bench.json")
+    args = parser.parse_args()
+
+    path, sha = embedded_model_path()
+    result: dict[str, Any] = {"machine": machine(), "model": path.name}
+    result["constrained"] = constrained_vs_raw(path, sha, args.rounds, args.tokens)
+    backend = LlamaCppBackend(path, sha256=sha, n_ctx=2048, n_threads=THREADS)
+    try:
+        result["multi_turn"] = multi_turn(backend, max(1, args.rounds - 1))
+    finally:
+        backend.close()
+    raw = RawLlamaCpp(path)
+    try:
+        result["raw_batching"] = raw_batching(raw, args.tokens)
+    finally:
+        raw.close()
+    llm = raw_llama(path)
+    try:
+        result |= daemon_figures(llm, args.rounds, args.tokens)
+    finally:
+        llm.close()
+    result["bound"] = bound(path, result["constrained"]["raw_unconstrained_tok_s"])
+    result["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(f"\nwritten to {args.json}")
+
+
+def table(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    rows = [
+        ("1 overhead: SDK+daemon npc.say (constrained) / llama-cpp-python create_completion (same prompt, "
+         "greedy, unconstrained, same tokens), new line each round",
+         f"{r['overhead']['sdk_daemon_ms']:.0f} / {r['overhead']['raw_llama_cpp_ms']:.0f} ms",
+         r["overhead"]["ratio"], "<= 1.05"),
+        ("2 decode tok/s: backend under the NPC schema / llama.cpp C API greedy loop, unconstrained",
+         f"{r['constrained']['constrained_tok_s']:.1f} / {r['constrained']['raw_unconstrained_tok_s']:.1f} tok/s",
+         r["constrained"]["ratio"], ">= 0.85"),
+        ("3 TTFT 5th turn (another NPC between turns) / same prompt cold",
+         f"{r['multi_turn']['ttft_turn5_ms']:.0f} / {r['multi_turn']['ttft_cold_ms']:.0f} ms",
+         r["multi_turn"]["ratio"], "<= 0.3"),
+        ("4 aggregate tok/s through the daemon: 4 NPCs at once / the same 4 one after another",
+         f"{r['concurrency']['four_npcs_tok_s']:.1f} / {r['concurrency']['one_npc_tok_s']:.1f} tok/s",
+         r["concurrency"]["ratio"], ">= 1.5"),
+        ("4b raw llama.cpp decode tok/s, 4 sequences per llama_decode / 1 (batching's ceiling here)",
+         f"{r['raw_batching']['four_seq_tok_s']:.1f} / {r['raw_batching']['one_seq_tok_s']:.1f} tok/s",
+         r["raw_batching"]["ratio"], "(report)"),
+        ("5 raw decode tok/s / memory-bandwidth bound",
+         f"{r['bound']['decode_tok_s']:.1f} / {r['bound']['bound_tok_s']:.1f} tok/s",
+         r["bound"]["fraction"], "(report)"),
+    ]
+    out = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, Python {m['python']}, "
+           f"llama-cpp-python {m['llama_cpp_python']}, {m['threads']} threads, {m['date']}, "
+           f"load avg {m['load_avg_1m_at_start']:.1f} -> {m['load_avg_1m_at_end']:.1f}", "",
+           "| Figure | Measured | Ratio | Target |", "|---|---|---|---|"]
+    out += [f"| {name} | {measured} | {ratio:.3f} | {target} |" for name, measured, ratio, target in rows]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
