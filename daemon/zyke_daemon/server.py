@@ -319,16 +319,19 @@ class DaemonServer:
         first = [item(peer, job)]
 
         async def more(n: int, adapter: object) -> list[BatchItem]:
+            wanted = [adapter]  # ANY_ADAPTER until the first request taken here sets it
+
             def fits(job: SayJob) -> bool:
                 if job.cancel.is_set() or job.conn.conn_id not in self._peers:
                     return True  # popped and dropped below, as the dispatcher would
-                return ((adapter is ANY_ADAPTER or job.adapter == adapter)
+                return ((wanted[0] is ANY_ADAPTER or job.adapter == wanted[0])
                         and (job.conn.conn_id, job.npc_id) not in active)
 
             out: list[BatchItem] = []
             while len(out) < n and (job := self.queue.pop(fits)) is not None:
                 joiner = self._peers.get(job.conn.conn_id)
                 if joiner is not None and not job.cancel.is_set():
+                    wanted[0] = job.adapter
                     out.append(item(joiner, job))
             self.metrics.queue_depth.set(len(self.queue))
             return out
