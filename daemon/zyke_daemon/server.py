@@ -301,18 +301,19 @@ class DaemonServer:
 
         loop = asyncio.get_running_loop()
         follow_ups: list[tuple[str, str | None] | None] = []
-        active: set[tuple[object, str]] = set()
+        active: dict[tuple[object, str], _JobRun] = {}
         widest = 0
 
         def item(peer: _Peer, job: SayJob) -> BatchItem:
             nonlocal widest
             run = _JobRun(self, peer, job)
-            active.add((job.conn.conn_id, job.npc_id))
+            key = (job.conn.conn_id, job.npc_id)
+            active[key] = run
             widest = max(widest, len(active))
 
             def finish(outcome: Any) -> None:
-                active.discard((job.conn.conn_id, job.npc_id))
-                follow_ups.append(run.finish(outcome))
+                if active.pop(key, None) is not None:
+                    follow_ups.append(run.finish(outcome))
 
             return BatchItem(run.prepare, run.on_text, lambda outcome: loop.call_soon_threadsafe(finish, outcome))
 
@@ -346,8 +347,12 @@ class DaemonServer:
         backend = self.backend
         try:
             await loop.run_in_executor(self._executor, backend.run_batch, take)  # type: ignore[union-attr]
-        except Exception:  # a bug in the batch loop itself: its replies already got their outcome or none
+        except Exception as exc:  # a bug in the batch loop itself
             log.exception("batch failed")
+            await asyncio.sleep(0)
+            for key in list(active):  # every reply still without an outcome gets an error frame
+                finish_run = active.pop(key)
+                follow_ups.append(finish_run.finish(exc))
         await asyncio.sleep(0)  # let the last replies' finish callbacks run
         self.metrics.batch_size.observe(widest)
         return follow_ups
