@@ -106,6 +106,18 @@ def test_an_npc_sharing_a_persona_starts_from_a_copy_and_matches_a_cold_run(back
     assert fast.tokens == plain(backend, twin, [], LINES[3]).tokens
 
 
+def test_when_the_slot_to_reuse_is_the_only_free_one_it_is_cut_to_the_shared_prefix(
+        backend: LlamaCppBackend) -> None:
+    backend.reset()
+    say(backend, MIRA, [], LINES[1])
+    twin = MIRA.model_copy(update={"id": "mira-2"})
+    tokens = backend.tokenize(render_prompt(twin, [], LINES[3]))
+    busy = {s.seq_id for s in backend._slots if not s.tokens}  # as if every other slot were decoding
+    slot, keep = backend._take_slot(tokens, None, busy)
+    assert keep >= PREFILL_CHUNK and slot.reusable == keep
+    assert slot.tokens == tokens[:keep]  # its KV holds exactly that prefix, ready to extend
+
+
 def test_an_adapter_change_never_reuses_a_prefix_computed_under_other_weights(backend: LlamaCppBackend) -> None:
     backend.reset()
     say(backend, MIRA, [], LINES[0])

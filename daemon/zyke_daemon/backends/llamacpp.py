@@ -168,21 +168,15 @@ class LlamaCppBackend:
 
     def generate(self, request: GenerationRequest, on_text: OnText) -> GenerationResult:
         started = time.perf_counter()
-        self._apply(request.adapter)
-        prompt = self.tokenize(request.prompt)
-        if len(prompt) + request.max_tokens > self._n_ctx:
-            raise ValueError(f"prompt ({len(prompt)} tokens) plus max_tokens exceeds the context ({self._n_ctx})")
-        slot, cached = self._take_slot(prompt, request.adapter)
+        slot, n_prompt, cached = self._start(request)
         try:
-            self._prefill(slot, prompt, cached)
-            result = decode(request, self.tokenizer, self._n_vocab, self._eos, self._last_logits,
-                            lambda tokens: self._eval(slot, tokens), self._token_bytes, on_text,
-                            prompt_tokens=len(prompt), cached_tokens=cached, started=started,
-                            executor=self._executor if self.overlap else None, fast_forward=self.fast_forward)
+            return decode(request, self.tokenizer, self._n_vocab, self._eos, self._logits,
+                          lambda tokens: self._eval(slot, tokens), self._token_bytes, on_text,
+                          prompt_tokens=n_prompt, cached_tokens=cached, started=started,
+                          executor=self._executor if self.overlap else None, fast_forward=self.fast_forward)
         except BaseException:
             self._clear(slot)  # a half-evaluated slot is worth nothing
             raise
-        return result
 
     def run_batch(self, take: Callable[[int, object], list[BatchItem]], max_batch: int = 4) -> None:
         """Decode several replies in lockstep until none is left: one ``llama_decode`` per step carries
@@ -232,22 +226,15 @@ class LlamaCppBackend:
             request = item.prepare()
             if running and request.adapter != running[0].decoder.request.adapter:
                 raise RuntimeError("a batch cannot mix adapters")
-            self._apply(request.adapter)
-            prompt = self.tokenize(request.prompt)
-            if len(prompt) + request.max_tokens > self._n_ctx:
-                raise ValueError(f"prompt ({len(prompt)} tokens) plus max_tokens exceeds the context ({self._n_ctx})")
-            slot, cached = self._take_slot(prompt, request.adapter, busy={r.slot.seq_id for r in running})
-            self._prefill(slot, prompt, cached)
+            slot, n_prompt, cached = self._start(request, busy={r.slot.seq_id for r in running})
             decoder = SequenceDecoder(request, self.tokenizer, self._n_vocab, self._eos, self._token_bytes,
-                                      item.on_text, prompt_tokens=len(prompt), cached_tokens=cached, started=started)
-            r = _Running(item, slot, decoder, feed=[])
-            self._advance(r, self._last_logits())
-            return r if r.feed else None
+                                      item.on_text, prompt_tokens=n_prompt, cached_tokens=cached, started=started)
         except Exception as exc:
-            if slot is not None:
-                self._clear(slot)
             item.done(exc)
             return None
+        r = _Running(item, slot, decoder, feed=[])
+        self._advance(r, self._logits())
+        return r if r.feed else None
 
     def _advance(self, r: _Running, logits: np.ndarray) -> None:
         """Pick the reply's next token(s); a finished (or failed) reply gets its result and leaves."""
@@ -272,27 +259,14 @@ class LlamaCppBackend:
         for r in running:
             if len(r.feed) > 1:
                 self._eval(r.slot, r.feed)
-                r.logits = self._last_logits().copy()  # the next call overwrites llama.cpp's buffer
+                r.logits = self._logits().copy()  # the next call overwrites llama.cpp's buffer
                 r.feed = []
         if not singles:
             return
-        batch = self._batch
-        for n, r in enumerate(singles):
-            batch.token[n] = r.feed[0]
-            batch.pos[n] = len(r.slot.tokens)
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = r.slot.seq_id
-            batch.logits[n] = True
-            r.row = n
-        batch.n_tokens = len(singles)
-        rc = llama_cpp.llama_decode(self._ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed ({rc})")
-        for r in singles:
+        self._decode([(r.slot.seq_id, len(r.slot.tokens), r.feed[0], True) for r in singles])
+        for row, r in enumerate(singles):
+            r.row = row
             r.slot.tokens.append(r.feed.pop())
-
-    def _logits(self, row: int) -> np.ndarray:
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
 
     def prefill_idle(self, text: str, adapter: str | None, stop: Callable[[], bool]) -> int:
         """Evaluate ``text`` into its slot in aligned chunks, checking ``stop`` between chunks; returns
@@ -303,29 +277,24 @@ class LlamaCppBackend:
         the next turn would evaluate them again; done here, that work happens while the player reads
         and types, and the next turn only evaluates its new line."""
         tokens = self.tokenize(text)
-        end = len(tokens) - len(tokens) % PREFILL_CHUNK
         self._apply(adapter)
-        slot, pos = self._take_slot(tokens, adapter)
-        start = pos
-        try:
-            while pos < end and not stop():
-                self._eval(slot, tokens[pos:pos + PREFILL_CHUNK])
-                pos += PREFILL_CHUNK
+        slot, start = self._take_slot(tokens, adapter)
+        try:  # whole chunks only: a trailing partial one would be evaluated again anyway
+            return self._prefill(slot, tokens[:len(tokens) - len(tokens) % PREFILL_CHUNK], start, stop) - start
         except BaseException:
             self._clear(slot)
             raise
-        slot.reusable = pos
-        return pos - start
 
     def greedy(self, prompt: str, n: int, adapter: str | None = None) -> list[int]:
         """Plain greedy continuation from a cold slot: no grammar, no repeat penalty. A reference that
         parity tests compare the transformers backend with."""
         self.reset()
         self._apply(adapter)
-        slot, _ = self._take_slot(self.tokenize(prompt), adapter)
-        self._prefill(slot, self.tokenize(prompt), 0)
+        tokens = self.tokenize(prompt)
+        slot, _ = self._take_slot(tokens, adapter)
+        self._prefill(slot, tokens, 0)
         out: list[int] = []
-        while len(out) < n and (token := int(np.argmax(self._last_logits()))) not in self._eos:
+        while len(out) < n and (token := int(np.argmax(self._logits()))) not in self._eos:
             out.append(token)
             self._eval(slot, [token])
         self._clear(slot)
@@ -395,10 +364,10 @@ class LlamaCppBackend:
                 n -= n % PREFILL_CHUNK
                 if n > keep:
                     best, keep = slot, n
-        if best is not None and keep == best.reusable:
-            target = best  # this slot's own conversation, one turn on
+        others = [s for s in free if s is not best]
+        if best is not None and (keep == best.reusable or not others):
+            target = best  # this slot's own conversation one turn on, or the only slot free: cut its tail
         else:
-            others = [s for s in free if s is not best] or [s for s in free if s is best]
             target = min(others, key=lambda s: (bool(s.tokens), s.last_used))
             self._clear(target)
             if best is not None:  # another NPC's slot shares the prefix (a common persona): copy it
@@ -417,32 +386,56 @@ class LlamaCppBackend:
 
     # -- model calls
 
-    def _prefill(self, slot: _Slot, prompt: list[int], start: int) -> None:
-        """Evaluate prompt[start:] in chunks that end at multiples of PREFILL_CHUNK (see the docstring)."""
+    def _start(self, request: GenerationRequest,
+               busy: set[int] | frozenset[int] = frozenset()) -> tuple[_Slot, int, int]:
+        """Apply the request's adapter, place its prompt in a slot and evaluate what the slot lacks;
+        returns the slot, the prompt's length and how many of its tokens were reused."""
+        self._apply(request.adapter)
+        prompt = self.tokenize(request.prompt)
+        if len(prompt) + request.max_tokens > self._n_ctx:
+            raise ValueError(f"prompt ({len(prompt)} tokens) plus max_tokens exceeds the context ({self._n_ctx})")
+        slot, cached = self._take_slot(prompt, request.adapter, busy)
+        try:
+            self._prefill(slot, prompt, cached)
+        except BaseException:
+            self._clear(slot)
+            raise
+        return slot, len(prompt), cached
+
+    def _prefill(self, slot: _Slot, tokens: list[int], start: int, stop: Callable[[], bool] | None = None) -> int:
+        """Evaluate tokens[start:] in chunks that end at multiples of PREFILL_CHUNK (see the docstring),
+        checking ``stop`` between chunks; returns the position reached."""
         pos = start
-        while pos < len(prompt):
-            end = min(len(prompt), (pos // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
-            self._eval(slot, prompt[pos:end])
+        while pos < len(tokens) and not (stop and stop()):
+            end = min(len(tokens), (pos // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+            self._eval(slot, tokens[pos:end])
             pos = end
-        slot.reusable = len(prompt) - len(prompt) % PREFILL_CHUNK
+        slot.reusable = pos - pos % PREFILL_CHUNK
+        return pos
 
     def _eval(self, slot: _Slot, tokens: list[int]) -> None:
         """One llama_decode of ``tokens`` appended to the slot; logits are kept for the last one only."""
-        batch, pos = self._batch, len(slot.tokens)
-        for i, token in enumerate(tokens):
+        pos = len(slot.tokens)
+        self._decode([(slot.seq_id, pos + i, token, i == len(tokens) - 1) for i, token in enumerate(tokens)])
+        slot.tokens.extend(tokens)
+
+    def _decode(self, rows: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of ``(sequence, position, token, wants logits)`` rows."""
+        batch = self._batch
+        for i, (seq_id, pos, token, logits) in enumerate(rows):
             batch.token[i] = token
-            batch.pos[i] = pos + i
+            batch.pos[i] = pos
             batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = slot.seq_id
-            batch.logits[i] = i == len(tokens) - 1
-        batch.n_tokens = len(tokens)
+            batch.seq_id[i][0] = seq_id
+            batch.logits[i] = logits
+        batch.n_tokens = len(rows)
         rc = llama_cpp.llama_decode(self._ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc})")
-        slot.tokens.extend(tokens)
 
-    def _last_logits(self) -> np.ndarray:
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self._n_vocab,))
+    def _logits(self, row: int = -1) -> np.ndarray:
+        """Logits of a row of the last llama_decode (-1: its last row), a view on llama.cpp's buffer."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
 
     def _token_bytes(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
