@@ -3,10 +3,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from daemon_proc import DaemonProcess
 from zyke import Client
+
+if TYPE_CHECKING:
+    from zyke_daemon.backends.llamacpp import LlamaCppBackend
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +19,18 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     proc = DaemonProcess(tmp_path_factory.mktemp("zyke-daemon")).start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[LlamaCppBackend]:
+    """The llama.cpp backend on the embedded model, in-process, shared by one test module."""
+    from zyke_daemon.backends.llamacpp import LlamaCppBackend
+    from zyke_daemon.embedded import embedded_model_path
+
+    path, sha = embedded_model_path()
+    b = LlamaCppBackend(path, sha256=sha, n_ctx=2048, n_threads=2)
+    yield b
+    b.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -13,21 +12,13 @@ from zyke.protocol import NpcReply, NpcSpec, Turn
 from zyke_daemon.backends.base import GenerationRequest
 from zyke_daemon.backends.decoding import sample
 from zyke_daemon.backends.llamacpp import PREFILL_CHUNK, LlamaCppBackend
-from zyke_daemon.embedded import EMBEDDED_NAME, embedded_model_path
+from zyke_daemon.embedded import EMBEDDED_NAME
 from zyke_daemon.validation import validator_for
 
 pytestmark = pytest.mark.slow
 
 NPC = NpcSpec(id="mira", name="Mira", persona="A cheerful innkeeper in a mountain village.",
               actions=["none", "serve_drink", "rent_room", "kick_out"], emotions=["happy", "annoyed", "neutral"])
-
-
-@pytest.fixture(scope="module")
-def backend() -> Iterator[LlamaCppBackend]:
-    path, sha = embedded_model_path()
-    b = LlamaCppBackend(path, sha256=sha, n_ctx=2048, n_threads=2)
-    yield b
-    b.close()
 
 
 def gen(backend: LlamaCppBackend, prompt: str, **kw: object) -> tuple[str, object]:

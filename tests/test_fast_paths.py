@@ -9,14 +9,12 @@ Run on the real embedded model, greedy, with the daemon's own prompt format and 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from zyke.prompt_format import render_prompt, reply_schema
 from zyke.protocol import NpcReply, NpcSpec, Turn
 from zyke_daemon.backends.base import GenerationRequest, GenerationResult
 from zyke_daemon.backends.llamacpp import ANY_ADAPTER, PREFILL_CHUNK, BatchItem, LlamaCppBackend
-from zyke_daemon.embedded import embedded_model_path
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +24,6 @@ BROM = NpcSpec(id="brom", name="Brom", persona="A grumpy dwarf blacksmith who lo
                actions=["none", "trade", "repair", "attack"], emotions=["neutral", "angry", "pleased"])
 LINES = ["Hello there!", "Do you have a room for the night?", "How much is it?", "Any rumours lately?",
          "I think I saw an elf outside."]
-
-
-@pytest.fixture(scope="module")
-def backend() -> Iterator[LlamaCppBackend]:
-    path, sha = embedded_model_path()
-    b = LlamaCppBackend(path, sha256=sha, n_ctx=2048, n_threads=2)
-    yield b
-    b.close()
 
 
 def say(backend: LlamaCppBackend, npc: NpcSpec, history: list[Turn], line: str) -> GenerationResult:
