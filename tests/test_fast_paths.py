@@ -13,8 +13,8 @@ import json
 import pytest
 from zyke.prompt_format import render_prompt, reply_schema
 from zyke.protocol import NpcReply, NpcSpec, Turn
-from zyke_daemon.backends.base import GenerationRequest, GenerationResult
-from zyke_daemon.backends.llamacpp import ANY_ADAPTER, PREFILL_CHUNK, BatchItem, LlamaCppBackend
+from zyke_daemon.backends.base import ANY_ADAPTER, BatchItem, GenerationRequest, GenerationResult
+from zyke_daemon.backends.llamacpp import PREFILL_CHUNK, LlamaCppBackend
 
 pytestmark = pytest.mark.slow
 

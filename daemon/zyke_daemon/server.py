@@ -29,7 +29,7 @@ from zyke.protocol import AdapterInfo, Adapters, ErrorCode, ReplyDelta, dump_fra
 
 from . import __version__
 from .adapters import AdapterRegistry
-from .backends.base import Backend
+from .backends.base import ANY_ADAPTER, Backend, BatchItem
 from .config import DaemonConfig
 from .core import AdapterOp, CancelJob, ConnectionCore, DaemonCore, SayJob, Send, Submit, error_frame
 from .errors import DaemonError, ModelLoadError
@@ -297,8 +297,6 @@ class DaemonServer:
 
         A request joins when it is the oldest of its client's queue, uses the batch's adapter, and its
         NPC is not already in the batch (its prompt must include that NPC's previous reply)."""
-        from .backends.llamacpp import ANY_ADAPTER, BatchItem
-
         loop = asyncio.get_running_loop()
         follow_ups: list[tuple[str, str | None] | None] = []
         active: dict[tuple[object, str], _JobRun] = {}

@@ -45,6 +45,19 @@ class GenerationResult:
 #: Called with each decoded piece of text; returns False to stop generating (a stop string was hit).
 OnText = Callable[[str], bool]
 
+#: A batching backend's adapter filter when nothing runs yet: any adapter may start the batch.
+ANY_ADAPTER = object()
+
+
+@dataclass
+class BatchItem:
+    """A reply to run in a batch (``run_batch`` of a backend that has one): ``prepare`` builds its request
+    on the model thread (it may load an adapter), ``done`` receives its result or its own exception."""
+
+    prepare: Callable[[], GenerationRequest]
+    on_text: OnText
+    done: Callable[[GenerationResult | BaseException], None]
+
 
 class Backend(Protocol):
     name: str

@@ -49,28 +49,15 @@ from zyke.protocol import ModelInfo
 
 from ..embedded import sha256_file
 from ..errors import ModelLoadError
-from .base import GenerationRequest, GenerationResult, OnText
+from .base import ANY_ADAPTER, BatchItem, GenerationRequest, GenerationResult, OnText
 from .decoding import SequenceDecoder, decode
 
 log = logging.getLogger(__name__)
 
 
-#: ``run_batch``'s adapter filter when nothing runs yet: any adapter may start the batch.
-ANY_ADAPTER = object()
-
 #: Prompt chunk size and alignment, in tokens (see the module docstring). 32 evaluates prompts as fast as
 #: llama.cpp's default 512 on the measured CPU while re-evaluating at most 31 tokens of an old prompt.
 PREFILL_CHUNK = 32
-
-
-@dataclass
-class BatchItem:
-    """A reply to run in a batch: ``prepare`` builds its request on the model thread (it may load an
-    adapter), ``done`` receives its result or its own exception."""
-
-    prepare: Callable[[], GenerationRequest]
-    on_text: OnText
-    done: Callable[[GenerationResult | BaseException], None]
 
 
 @dataclass
