@@ -13,6 +13,7 @@ import torch
 from zyke.prompt_format import render_prompt, reply_schema
 from zyke.protocol import NpcReply, NpcSpec, Turn
 from zyke_daemon.backends.base import GenerationRequest, GenerationResult
+from zyke_daemon.backends.decoding import say_token_ids
 from zyke_daemon.backends.hf import TransformersBackend, quantization_config
 from zyke_daemon.backends.llamacpp import LlamaCppBackend
 from zyke_daemon.backends.loader import choose_backend
@@ -159,6 +160,22 @@ def test_seeded_sampling_is_reproducible(hf: TransformersBackend) -> None:
     others = {gen(hf, prompt, max_tokens=14, temperature=1.0, top_p=0.95, seed=s).text for s in (8, 9)}
     assert a == b
     assert others - {a}, "different seeds never changed the sample"
+
+
+@slow
+def test_the_no_repeat_ban_over_history_holds_here_too(hf: TransformersBackend, llama: LlamaCppBackend) -> None:
+    """The ban lives in the shared decode step: it tokenizes the history with this backend's tokenizer
+    (the same ids as llama.cpp's) and keeps every 4-token run of the earlier line out of the reply."""
+    said = "Yes, we have a warm room upstairs for five silver coins a night."
+    history = [Turn(player="Do you have a room for the night?",
+                    reply=NpcReply(say=said, emotion="happy", action="rent_room"))]
+    ids = say_token_ids(hf.tokenizer, said)
+    assert ids == hf.hf_tokenizer(said, add_special_tokens=False)["input_ids"] == say_token_ids(llama.tokenizer, said)
+    result = gen(hf, render_prompt(NPC, history, "Do you have a room for the night, please?"), max_tokens=60,
+                 history_says=[said])
+    assert validator_for(reply_schema(NPC)).is_valid(json.loads(result.text))
+    runs = {tuple(result.tokens[i:i + 4]) for i in range(len(result.tokens) - 3)}
+    assert not runs & {tuple(ids[i:i + 4]) for i in range(len(ids) - 3)}, result.text
 
 
 # -- adapters: parity with llama.cpp

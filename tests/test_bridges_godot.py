@@ -83,11 +83,14 @@ def test_zyke_api_surface() -> None:
         assert signal in client
     npc = (ADDON / "zyke_npc.gd").read_text()
     assert "class_name ZykeNPC" in npc
-    for needle in ["func say(text: String, state := {}) -> String:", "func save_state() -> Dictionary:",
+    for needle in ["func say(text: String, state := {}, allowed_actions := PackedStringArray()) -> String:",
+                   "@export var action_descriptions: Dictionary", "@export var emotion_descriptions: Dictionary",
+                   "func save_state() -> Dictionary:",
                    "func load_state(state: Dictionary) -> bool:", "@export var actions := PackedStringArray(",
                    "@export var emotions := PackedStringArray(", "@export_multiline var persona",
                    "@export var display_name"]:
         assert needle in npc, needle
+    assert "allowed_actions := PackedStringArray()" in client and 'body["allowed_actions"]' in client
     # Frame types and error codes come from the generated constants, never string literals.
     assert not re.search(r'"(npc\.say|npc\.define|reply\.delta|unknown_npc)"', client + npc)
 

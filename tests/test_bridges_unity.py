@@ -82,8 +82,13 @@ def test_csharp_client_end_to_end(e2e_exe: Path, daemon: DaemonProcess) -> None:
 
     out = _run(e2e_exe, "e2e", daemon.url, daemon.token)
     for needle in ["unknown_npc", "deltas concatenate to say", "ZykeAuthException", "ZykeCancelledException",
-                   "npc.state.set restored"]:
+                   "npc.state.set restored", "npc.define with described actions", "allowed_actions [none]",
+                   "undeclared allowed action: code unknown_action"]:
         assert needle in out
+    [allowed] = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines()
+                 if line.startswith("ALLOWED_REPLY_JSON ")]
+    validator("npc_reply").validate(allowed)
+    assert allowed["action"] == "none" and allowed["emotion"] in {"neutral", "wary"}
     replies = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("REPLY_JSON ")]
     assert len(replies) == 2
     check = validator("npc_reply")

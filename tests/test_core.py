@@ -151,7 +151,8 @@ def _finish(daemon: DaemonCore, conn: ConnectionCore, text: str, rid: str = "s",
     result = GenerationResult(text=text, finish_reason="stop", prompt_tokens=10, completion_tokens=5)
     frame = daemon.finish(submit.job, result, assembler)
     conn.job_done(submit.job)
-    assert request.schema["properties"]["action"]["enum"] == ["none", "repair"]
+    allowed = say.get("allowed_actions", ["none", "repair"])
+    assert request.schema["properties"]["action"]["enum"] == [a for a in ["none", "repair"] if a in allowed]
     return frame
 
 
@@ -231,3 +232,111 @@ def test_prompt_drops_oldest_turns_to_fit_the_context(conn: ConnectionCore) -> N
     assert len(request.prompt.split()) <= 300 - 50
     assert request.prompt.count("Player:") < 11
     assert request.prompt.rstrip().endswith("Brom:")
+
+
+# --- described actions and emotions, allowed_actions ------------------------------------------------
+
+DESCRIBED = {**BROM, "actions": ["none", {"name": "repair", "description": "mend the player's gear for coin"}],
+             "emotions": [{"name": "neutral", "description": "calm"}, "angry"]}
+
+
+def test_welcome_announces_the_additive_features(tmp_path: Path) -> None:
+    c = make_daemon(tmp_path).connect()
+    [welcome] = frames(send(c, {"v": 1, "type": "hello", "id": "h", "token": TOKEN, "protocol": 1}))
+    assert {"choices", "allowed_actions"} <= set(welcome["capabilities"])
+
+
+def test_described_actions_are_defined_and_rendered(conn: ConnectionCore) -> None:
+    [defined] = frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": DESCRIBED}))
+    assert defined["type"] == "npc.defined"
+    [submit] = send(conn, {"v": 1, "type": "npc.say", "id": "s", "npc": "brom", "input": "hi"})
+    request = conn.daemon.prepare(submit.job, count_tokens=lambda s: len(s.split()), n_ctx=4096)
+    assert "- repair (mend the player's gear for coin)\n" in request.prompt
+    assert request.schema["properties"]["action"]["enum"] == ["none", "repair"]
+    assert request.schema["properties"]["emotion"]["enum"] == ["neutral", "angry"]
+    [state] = frames(send(conn, {"v": 1, "type": "npc.state.get", "id": "g", "npc": "brom"}))
+    assert state["state"]["npc"]["actions"] == DESCRIBED["actions"]  # saved as given, descriptions kept
+
+
+@pytest.mark.parametrize("frame", [
+    {"v": 1, "type": "npc.define", "id": "d",
+     "npc": {**BROM, "actions": ["repair", {"name": "repair", "description": "mend gear"}]}},
+    {"v": 1, "type": "npc.state.set", "id": "d", "state": {"v": 1, "history": [], "npc": {
+        **BROM, "emotions": [{"name": "angry", "description": "a"}, {"name": "angry", "description": "b"}]}}},
+])
+def test_a_name_declared_twice_across_forms_is_a_bad_frame(conn: ConnectionCore, frame: dict[str, Any]) -> None:
+    """The schema cannot see the clash (the items differ), the model can: the client hears bad_frame."""
+    actions = send(conn, frame)
+    assert error_code(actions) == "bad_frame"
+    [error] = frames(actions)
+    assert error["id"] == "d" and "declared more than once" in error["message"]
+    assert "repair" in error["message"] or "angry" in error["message"]
+    assert frames(send(conn, {"v": 1, "type": "ping", "id": "p"}))[0]["type"] == "pong"
+
+
+def test_an_undeclared_allowed_action_is_unknown_action_and_the_connection_carries_on(conn: ConnectionCore) -> None:
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": BROM}))
+    actions = send(conn, {"v": 1, "type": "npc.say", "id": "s", "npc": "brom", "input": "hi",
+                          "allowed_actions": ["none", "fly", "dance"]})
+    assert error_code(actions) == "unknown_action"
+    [error] = frames(actions)
+    assert error["id"] == "s"
+    assert "fly, dance" in error["message"] and "declared: none, repair" in error["message"]
+    assert not conn.pending  # nothing queued for the refused line
+    [submit] = send(conn, {"v": 1, "type": "npc.say", "id": "s2", "npc": "brom", "input": "hi",
+                           "allowed_actions": ["repair"]})
+    assert isinstance(submit, Submit)
+
+
+def test_allowed_actions_narrow_the_prompt_schema_and_the_recorded_turn(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    conn = daemon.connect()
+    hello(conn)
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": BROM}))
+    frame = _finish(daemon, conn, '{"say": "Aye.", "emotion": "angry", "action": "repair"}',
+                    allowed_actions=["repair"])
+    assert frame["reply"]["action"] == "repair"
+    [state] = frames(send(conn, {"v": 1, "type": "npc.state.get", "id": "g", "npc": "brom"}))
+    assert state["state"]["history"][0]["allowed_actions"] == ["repair"]
+    # the next prompt shows the earlier turn as it was said, then this turn without a narrowing
+    [submit] = send(conn, {"v": 1, "type": "npc.say", "id": "next", "npc": "brom", "input": "Thanks."})
+    prompt = daemon.prepare(submit.job, count_tokens=lambda s: len(s.split()), n_ctx=4096).prompt
+    assert prompt.count("[Actions allowed now: repair]\nPlayer: Fix this?\n") == 1
+    assert prompt.endswith("Player: Thanks.\nBrom: ")
+
+
+def test_a_declared_but_disallowed_action_is_refused(tmp_path: Path) -> None:
+    daemon = make_daemon(tmp_path)
+    conn = daemon.connect()
+    hello(conn)
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": BROM}))
+    with pytest.raises(DaemonError) as err:
+        _finish(daemon, conn, '{"say": "Aye.", "emotion": "angry", "action": "repair"}', allowed_actions=["none"])
+    assert err.value.code == ErrorCode.GENERATION_FAILED
+
+
+def test_a_cut_off_reply_falls_back_to_an_allowed_action(tmp_path: Path) -> None:
+    """The NPC's default action (repair) is not allowed this turn, so the fallback is an allowed one."""
+    daemon = make_daemon(tmp_path)
+    conn = daemon.connect()
+    hello(conn)
+    npc = {**BROM, "actions": ["attack", "repair", "none"], "defaults": {"action": "repair"}}
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": npc}))
+    [submit] = send(conn, {"v": 1, "type": "npc.say", "id": "s", "npc": "brom", "input": "Fix this?",
+                           "allowed_actions": ["attack", "none"]})
+    assembler = daemon.assembler(submit.job)
+    assembler.feed('{"say": "I will fix it when the')
+    result = GenerationResult(text="", finish_reason="length", prompt_tokens=10, completion_tokens=5)
+    frame = daemon.finish(submit.job, result, assembler)
+    assert frame["finish_reason"] == "length"
+    assert frame["reply"]["action"] == "none"
+
+
+def test_an_action_dropped_by_a_redefine_before_the_line_runs_is_unknown_action(conn: ConnectionCore) -> None:
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": BROM}))
+    [submit] = send(conn, {"v": 1, "type": "npc.say", "id": "s", "npc": "brom", "input": "hi",
+                           "allowed_actions": ["repair"]})
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d2", "npc": {**BROM, "actions": ["none"]}}))
+    with pytest.raises(DaemonError) as err:
+        conn.daemon.prepare(submit.job, count_tokens=lambda s: len(s.split()), n_ctx=4096)
+    assert err.value.code == ErrorCode.UNKNOWN_ACTION and err.value.request_id == "s"

@@ -74,8 +74,9 @@ async def define(conn: Conn, npc: dict[str, Any]) -> None:
 def assert_valid_reply(frames: list[dict[str, Any]], npc: dict[str, Any], streamed: bool = False) -> dict[str, Any]:
     final = frames[-1]
     assert final["type"] == "reply", final
-    assert validator_for(reply_schema(NpcSpec.model_validate(npc))).is_valid(final["reply"])
-    assert final["reply"]["action"] in npc["actions"] and final["reply"]["emotion"] in npc["emotions"]
+    spec = NpcSpec.model_validate(npc)
+    assert validator_for(reply_schema(spec)).is_valid(final["reply"])
+    assert final["reply"]["action"] in spec.action_names and final["reply"]["emotion"] in spec.emotion_names
     deltas = [f for f in frames if f["type"] == "reply.delta"]
     assert [d["index"] for d in deltas] == list(range(len(deltas)))
     if streamed:
@@ -278,3 +279,88 @@ def test_bad_model_path_is_a_clear_startup_error(tmp_path: Any) -> None:
         out = subprocess.run([sys.executable, "-m", "zyke_daemon", "start", "--port", "0", "--model", str(model)],
                              env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 1 and message in out.stderr
+
+
+def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = text.split()
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_the_same_question_three_times_gets_three_replies_that_copy_no_run_of_words(daemon: DaemonProcess) -> None:
+    """The daemon's default no-repeat ban: no reply repeats a 6-word run of an earlier one, and
+    ``no_repeat_ngram: 0`` (per request or per NPC) is accepted and turns it off."""
+    lines = ["Can you fix my sword?", "Can you fix my sword, please?", "Can you fix my old sword?"]
+
+    async def three_turns(conn: Conn, npc: dict[str, Any], options: dict[str, Any]) -> list[str]:
+        await define(conn, npc)
+        await conn.request({"v": 1, "type": "npc.reset", "id": f"reset-{npc['id']}", "npc": npc["id"]})
+        says = []
+        for i, text in enumerate(lines):
+            frames = await conn.request({"v": 1, "type": "npc.say", "id": f"{npc['id']}-{i}", "npc": npc["id"],
+                                         "input": text, "options": options})
+            says.append(assert_valid_reply(frames, npc)["reply"]["say"])
+        return says
+
+    async def main() -> tuple[list[str], list[str], list[str]]:
+        conn = await connect(daemon, game="no-repeat")
+        banned = await three_turns(conn, SMITH, {"max_tokens": 48})
+        off = await three_turns(conn, {**SMITH, "id": "brom-off"}, {"max_tokens": 48, "no_repeat_ngram": 0})
+        npc_off = await three_turns(conn, {**SMITH, "id": "brom-npc-off",
+                                           "defaults": {"options": {"no_repeat_ngram": 0}}}, {"max_tokens": 48})
+        await conn.ws.close()
+        return banned, off, npc_off
+
+    banned, off, npc_off = asyncio.run(main())
+    for i, later in enumerate(banned):
+        for earlier in banned[:i]:
+            assert not word_ngrams(later, 6) & word_ngrams(earlier, 6), (earlier, later)
+    # turned off per request or per NPC, the same conversation is the old decoding, identical either way
+    assert off == npc_off
+
+
+FERRYMAN = {"id": "tam", "name": "Old Tam",
+            "persona": "A taciturn ferryman on the Grey River who takes coin and asks no questions.",
+            "actions": ["none", {"name": "ferry_across", "description": "take the player over the river on the raft"},
+                        {"name": "refuse", "description": "will not take the player"}, "attack"],
+            "emotions": ["neutral", {"name": "wary", "description": "distrustful of the player"}, "pleased"]}
+
+
+def test_described_actions_and_allowed_actions_over_the_real_daemon(daemon: DaemonProcess) -> None:
+    """Descriptions are accepted and decoded under; allowed_actions holds the model to a subset, turn after
+    turn; an undeclared label is unknown_action and a name clash bad_frame, and the connection carries on."""
+    def say(rid: str, text: str, **extra: Any) -> dict[str, Any]:
+        return {"v": 1, "type": "npc.say", "id": rid, "npc": "tam", "input": text, "options": SHORT, **extra}
+
+    async def main() -> None:
+        conn = await connect(daemon, game="choices")
+        await define(conn, FERRYMAN)
+        await conn.request({"v": 1, "type": "npc.reset", "id": "reset", "npc": "tam"})
+        assert_valid_reply(await conn.request(say("plain", "Evening. Is the river calm tonight?")), FERRYMAN)
+
+        only_none = assert_valid_reply(await conn.request(
+            say("none", "Take me across the river, quick!", allowed_actions=["none"])), FERRYMAN)
+        assert only_none["reply"]["action"] == "none"
+
+        lines = ["Take me across, I can pay.", "Please, the guards are after me!", "I'll give you ten gold."]
+        for i, text in enumerate(lines):
+            frames = await conn.request(say(f"narrow{i}", text, allowed_actions=["refuse", "attack"],
+                                            stream=i % 2 == 0))
+            final = assert_valid_reply(frames, FERRYMAN, streamed=i % 2 == 0)
+            assert final["reply"]["action"] in {"refuse", "attack"}, final["reply"]
+
+        [err] = await conn.request(say("bad", "Take me across.", allowed_actions=["none", "fly"]))
+        assert (err["type"], err["code"], err["id"]) == ("error", "unknown_action", "bad")
+        assert "fly" in err["message"] and "ferry_across" in err["message"]
+        assert_valid_reply(await conn.request(say("after", "Fine, never mind.")), FERRYMAN)
+
+        clash = {**FERRYMAN, "id": "tam-2", "actions": ["refuse", {"name": "refuse", "description": "no"}]}
+        [bad] = await conn.request({"v": 1, "type": "npc.define", "id": "clash", "npc": clash})
+        assert (bad["type"], bad["code"]) == ("error", "bad_frame") and "refuse" in bad["message"]
+
+        [state] = await conn.request({"v": 1, "type": "npc.state.get", "id": "state", "npc": "tam"})
+        history = state["state"]["history"]
+        assert state["state"]["npc"]["actions"] == FERRYMAN["actions"]
+        assert [t.get("allowed_actions") for t in history] == [None, ["none"], *[["refuse", "attack"]] * 3, None]
+        await conn.ws.close()
+
+    asyncio.run(main())

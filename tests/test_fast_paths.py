@@ -1,9 +1,13 @@
 """The llama.cpp fast paths give the replies the plain path gives, token for token.
 
-Plain path: a cold slot (``reset()``), the whole prompt evaluated, one model call per token, the grammar
-mask computed before each call. Fast paths: a slot reused from an earlier turn (or copied from another
-NPC with the same persona), forced tokens evaluated together, the mask computed during the model call.
-Run on the real embedded model, greedy, with the daemon's own prompt format and schemas.
+Plain path: a cold slot (``reset()``), the whole prompt evaluated, the grammar mask computed before each
+model call. Fast paths: a slot reused from an earlier turn (or copied from another NPC with the same
+persona), several replies in one batch, the mask computed during the model call. Forced tokens are
+evaluated together on every path: that is part of the decode step, not a cache, and evaluating them one
+by one instead rounds differently (measured: up to about one logit, enough to flip a close greedy pick).
+Run on the real embedded model, greedy, with the daemon's own prompt format and schemas, and with the
+daemon's no-repeat ban over the history's say lines (a rule of the decode step, so it must hold on every
+path alike).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import pytest
 from zyke.prompt_format import render_prompt, reply_schema
 from zyke.protocol import NpcReply, NpcSpec, Turn
 from zyke_daemon.backends.base import ANY_ADAPTER, BatchItem, GenerationRequest, GenerationResult
+from zyke_daemon.backends.decoding import say_token_ids
 from zyke_daemon.backends.llamacpp import PREFILL_CHUNK, LlamaCppBackend
 
 pytestmark = pytest.mark.slow
@@ -26,19 +31,24 @@ LINES = ["Hello there!", "Do you have a room for the night?", "How much is it?",
          "I think I saw an elf outside."]
 
 
+def request_for(npc: NpcSpec, history: list[Turn], line: str, max_tokens: int = 120) -> GenerationRequest:
+    """As the daemon builds it: the prompt, the NPC's schema, the history's say lines for the no-repeat ban."""
+    return GenerationRequest(prompt=render_prompt(npc, history, line), schema=reply_schema(npc), max_tokens=max_tokens,
+                             history_says=[t.reply.say for t in history])
+
+
 def say(backend: LlamaCppBackend, npc: NpcSpec, history: list[Turn], line: str) -> GenerationResult:
-    request = GenerationRequest(prompt=render_prompt(npc, history, line), schema=reply_schema(npc), max_tokens=120)
-    return backend.generate(request, lambda _: True)
+    return backend.generate(request_for(npc, history, line), lambda _: True)
 
 
 def plain(backend: LlamaCppBackend, npc: NpcSpec, history: list[Turn], line: str) -> GenerationResult:
-    overlap, fast_forward = backend.overlap, backend.fast_forward
-    backend.overlap = backend.fast_forward = False
+    overlap = backend.overlap
+    backend.overlap = False
     try:
         backend.reset()
         result = say(backend, npc, history, line)
     finally:
-        backend.overlap, backend.fast_forward = overlap, fast_forward
+        backend.overlap = overlap
     assert result.cached_tokens == 0
     return result
 
@@ -118,7 +128,7 @@ def test_an_adapter_change_never_reuses_a_prefix_computed_under_other_weights(ba
     assert say(backend, MIRA, [], LINES[0]).cached_tokens == 0
 
 
-def test_forced_tokens_and_overlap_change_no_token(backend: LlamaCppBackend) -> None:
+def test_overlapping_the_mask_with_the_model_call_changes_no_token(backend: LlamaCppBackend) -> None:
     for line in ["Can you fix my sword?", "Give me all your gold!", "Who rules these lands?"]:
         backend.reset()
         fast = say(backend, BROM, [], line)
@@ -132,9 +142,11 @@ PIP = NpcSpec(id="pip", name="Pip", persona="A nervous young apprentice wizard w
 
 
 def run_batch(backend: LlamaCppBackend, arrivals: list[list[tuple[NpcSpec, str]]],
-              reset: bool = True) -> list[GenerationResult]:
+              reset: bool = True, histories: dict[str, list[Turn]] | None = None) -> list[GenerationResult]:
     """``arrivals[k]``: the replies handed over at the k-th call of ``take`` (a later call = joining a
-    batch already decoding). Returns the results in arrival order."""
+    batch already decoding); ``histories``: an NPC's earlier turns, by id (none by default). Returns the
+    results in arrival order."""
+    histories = histories or {}
     results: dict[int, GenerationResult | BaseException] = {}
     calls: list[object] = []
     order = [(npc, line) for group in arrivals for npc, line in group]
@@ -146,8 +158,7 @@ def run_batch(backend: LlamaCppBackend, arrivals: list[list[tuple[NpcSpec, str]]
         start = sum(len(g) for g in arrivals[:len(calls) - 1])
         group = arrivals[len(calls) - 1]
         assert len(group) <= n
-        return [BatchItem(lambda npc=npc, line=line: GenerationRequest(
-                              prompt=render_prompt(npc, [], line), schema=reply_schema(npc), max_tokens=60),
+        return [BatchItem(lambda npc=npc, line=line: request_for(npc, histories.get(npc.id, []), line, 60),
                           lambda _: True, lambda outcome, i=start + i: results.__setitem__(i, outcome))
                 for i, (npc, line) in enumerate(group)]
 
@@ -185,3 +196,40 @@ def test_replies_joining_a_running_batch_change_no_token(backend: LlamaCppBacken
     batched = run_batch(backend, arrivals)
     for (npc, line), fast in zip([p for g in arrivals for p in g], batched, strict=True):
         assert fast.tokens == plain(backend, npc, [], line).tokens, npc.id
+
+
+#: A turn Mira's session already holds: the line the base model copies when asked nearly the same again.
+ROOM = Turn(player="Do you have a room for the night?",
+            reply=NpcReply(say="Yes, we have a warm room upstairs for five silver coins a night.", emotion="happy",
+                           action="rent_room"))
+ROOM_AGAIN = "Do you have a room for the night, please?"
+
+
+def ngrams(tokens: list[int], n: int) -> set[tuple[int, ...]]:
+    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def test_a_reply_repeats_no_run_of_the_history_and_is_the_same_alone_batched_and_cached(
+        backend: LlamaCppBackend) -> None:
+    history = [ROOM]
+    cold = plain(backend, MIRA, history, ROOM_AGAIN)
+    said = say_token_ids(backend.tokenizer, ROOM.reply.say)
+    assert not ngrams(cold.tokens, 4) & ngrams(said, 4), cold.text
+    assert json.loads(cold.text)["say"]  # still a reply, and a valid one (the grammar never gave way)
+    # the ban is what made the difference: without it the model takes at least one run from the history
+    copied = backend.generate(GenerationRequest(prompt=render_prompt(MIRA, history, ROOM_AGAIN),
+                                                schema=reply_schema(MIRA), max_tokens=120, no_repeat_ngram=0),
+                              lambda _: True)
+    assert copied.tokens != cold.tokens
+
+    backend.reset()
+    alone = say(backend, MIRA, history, ROOM_AGAIN)
+    cached = say(backend, MIRA, history, ROOM_AGAIN)  # the same prompt again: its aligned prefix is in the slot
+    assert cached.cached_tokens > 0
+    group = [(BROM, LINES[4]), (MIRA, ROOM_AGAIN), (HILDA, "I have papers.")]
+    batched = run_batch(backend, [group], histories={"mira": history})[1]
+    batched_cached = run_batch(backend, [group], reset=False, histories={"mira": history})[1]
+    assert batched_cached.cached_tokens > 0
+    for name, fast in [("alone", alone), ("cached", cached), ("batched", batched),
+                       ("batched from a cached slot", batched_cached)]:
+        assert fast.tokens == cold.tokens, name

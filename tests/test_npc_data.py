@@ -15,6 +15,7 @@ from zyke.protocol import load_schema
 from zyke.protocol.models import NpcReply, NpcSpec, Turn
 from zyke_daemon.validation import first_error
 from zyke_train.cli import main
+from zyke_train.npc_data import check_row, render_row
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "training" / "data"
@@ -137,6 +138,26 @@ def test_row_schema_example_validates() -> None:
     assert schema["$id"] == "https://zyke.dev/schemas/v1/npc_example.json"
     for example in schema["examples"]:
         assert first_error("npc_example", example) is None
+        assert check_row(example) is None
+
+
+def test_allowed_actions_rows_are_checked_and_rendered() -> None:
+    """A row's allowed_actions narrow its reply (as the daemon decodes) and appear in its prompt."""
+    described = {**NPC, "actions": ["none", {"name": "trade", "description": "buy or sell goods"}, "repair"]}
+    good = _row("narrowed", npc=described, allowed_actions=["none", "repair"])
+    assert check_row(good) is None
+    example = render_row(good)
+    assert "- trade (buy or sell goods)\n" in example.prompt
+    assert example.prompt.endswith("[Actions allowed now: none, repair]\nPlayer: Can you fix my sword?\nBrom: ")
+
+    outside = _row("outside", allowed_actions=["none", "trade"])  # the reply repairs
+    assert check_row(outside) == "reply/action: 'repair' is not one of ['none', 'trade'] " \
+                                 "(not allowed for NPC 'brom' this turn)"
+    undeclared = _row("undeclared", allowed_actions=["repair", "fly"])
+    assert check_row(undeclared) == "(row)/allowed_actions: fly not declared by NPC 'brom'"
+    history = [{"player": "Hi", "allowed_actions": ["trade"],
+                "reply": {"say": "Hm.", "emotion": "neutral", "action": "none"}}]
+    assert check_row(_row("old-turn", history=history)).startswith("history/0/reply/action: 'none'")
 
 
 # --- the shipped dataset ------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 from zyke.prompt_format import END_OF_REPLY, render_example, render_prompt, render_reply, reply_schema
-from zyke.protocol import NpcReply, NpcSpec, Turn
+from zyke.protocol import Choice, NpcReply, NpcSpec, Turn
 from zyke_daemon.validation import validator_for
 
 BROM = NpcSpec(id="brom", name="Brom", persona="A grumpy dwarf smith.", actions=["none", "repair"],
@@ -43,3 +43,38 @@ def test_reply_schema_uses_the_npcs_own_enums() -> None:
     schema = reply_schema(BROM)
     assert schema["properties"]["action"]["enum"] == ["none", "repair"]
     assert not validator_for(schema).is_valid({"say": "x", "emotion": "neutral", "action": "attack"})
+
+
+TAM = NpcSpec(id="tam", name="Old Tam", persona="A taciturn ferryman.",
+              actions=["none", Choice(name="ferry_across", description="take the player over the river"),
+                       Choice(name="refuse", description="will not take\nthe player")],
+              emotions=["neutral", Choice(name="wary", description="distrustful of the player")])
+
+
+def test_descriptions_are_rendered_in_the_persona_block() -> None:
+    prompt = render_prompt(TAM, [], "Take me across.")
+    assert "- none\n- ferry_across (take the player over the river)\n" in prompt
+    assert "- refuse (will not take the player)\n" in prompt  # a newline cannot break the list
+    assert "Emotions: neutral, wary (distrustful of the player)." in prompt
+    assert TAM.action_names == ["none", "ferry_across", "refuse"]
+    assert reply_schema(TAM)["properties"]["emotion"]["enum"] == ["neutral", "wary"]
+
+
+def test_allowed_actions_are_rendered_and_narrow_the_schema_in_declaration_order() -> None:
+    prompt = render_prompt(TAM, [], "Take me across.", {"time": "night"}, ["refuse", "none"])
+    assert prompt.endswith('[Game state: {"time": "night"}]\n[Actions allowed now: refuse, none]\n'
+                           "Player: Take me across.\nOld Tam: ")
+    assert "Actions allowed now" not in render_prompt(TAM, [], "Take me across.")
+    schema = reply_schema(TAM, allowed_actions=["refuse", "none"])
+    assert schema["properties"]["action"]["enum"] == ["none", "refuse"]
+    assert not validator_for(schema).is_valid({"say": "Hop on.", "emotion": "neutral", "action": "ferry_across"})
+
+
+def test_a_narrowed_turn_still_extends_the_previous_prompt_exactly() -> None:
+    """History turns render the allowed_actions they were said under, so the prefix cache still holds."""
+    allowed = ["none", "refuse"]
+    prompt = render_prompt(TAM, [], "Take me across.", None, allowed)
+    reply = NpcReply(say="Not tonight.", emotion="wary", action="refuse")
+    history = [Turn(player="Take me across.", allowed_actions=allowed, reply=reply)]
+    following = render_prompt(TAM, history, "Please?")
+    assert following.startswith(prompt + render_reply(reply) + END_OF_REPLY)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, TypeAdapter
 from zyke.protocol import CLIENT_FRAMES, SERVER_FRAMES, NpcReply, NpcState, frame_types, load_schema
-from zyke.protocol.models import GenerationOptions, NpcSpec
+from zyke.protocol.models import Choice, GenerationOptions, NpcSpec, Turn
 from zyke_daemon.validation import first_error, validator
 
 ALL_FRAMES = {**CLIENT_FRAMES, **SERVER_FRAMES}
@@ -67,7 +67,7 @@ def test_frame_models_mirror_schemas(name: str) -> None:
 
 @pytest.mark.parametrize(("model", "ref"), [
     (NpcSpec, "NpcSpec"), (GenerationOptions, "GenerationOptions"), (NpcState, "NpcState"),
-    (NpcReply, None),
+    (Turn, "Turn"), (Choice, "Choice"), (NpcReply, None),
 ])
 def test_shared_models_mirror_schemas(model: type[BaseModel], ref: str | None) -> None:
     schema = load_schema("npc_reply") if ref is None else load_schema("common")["$defs"][ref]
@@ -81,6 +81,18 @@ def test_shared_models_mirror_schemas(model: type[BaseModel], ref: str | None) -
     {"v": 1, "type": "npc.define", "id": "x",
      "npc": {"id": "a", "persona": "p", "actions": ["x", "x"], "emotions": ["e"]}},
     {"v": 1, "type": "hello", "id": "x", "token": "t"},
+    {"v": 1, "type": "npc.say", "id": "x", "npc": "brom", "input": "hi", "allowed_actions": []},
+    {"v": 1, "type": "npc.say", "id": "x", "npc": "brom", "input": "hi", "allowed_actions": ["a", "a"]},
+    {"v": 1, "type": "npc.say", "id": "x", "npc": "brom", "input": "hi", "allowed_actions": ["no spaces"]},
+    {"v": 1, "type": "npc.define", "id": "x",
+     "npc": {"id": "a", "persona": "p", "actions": [{"name": "x", "description": ""}], "emotions": ["e"]}},
+    {"v": 1, "type": "npc.define", "id": "x",
+     "npc": {"id": "a", "persona": "p", "actions": [{"name": "x", "description": "d" * 201}], "emotions": ["e"]}},
+    {"v": 1, "type": "npc.define", "id": "x",
+     "npc": {"id": "a", "persona": "p", "actions": [{"name": "x"}], "emotions": ["e"]}},
+    {"v": 1, "type": "npc.define", "id": "x",
+     "npc": {"id": "a", "persona": "p", "actions": [{"name": "x", "description": "d", "icon": "i"}],
+             "emotions": ["e"]}},
 ])
 def test_schemas_and_models_reject_the_same_bad_frames(bad: dict[str, Any]) -> None:
     assert first_error(f"frames/{bad['type']}", bad) is not None
@@ -95,3 +107,17 @@ def test_validator_resolves_cross_file_refs() -> None:
     assert not validator("frames/npc.state.set").is_valid(frame)
     del state["history"][0]["reply"]["extra"]
     assert validator("frames/npc.state.set").is_valid(frame)
+
+
+def test_described_and_bare_labels_mix_and_only_the_model_sees_a_name_clash() -> None:
+    """Names must be unique across both forms; JSON Schema cannot say so, the model (and so the daemon) does."""
+    good = {"v": 1, "type": "npc.define", "id": "x", "npc": {
+        "id": "a", "persona": "p", "actions": ["none", {"name": "trade", "description": "buy or sell goods"}],
+        "emotions": [{"name": "calm", "description": "at ease"}]}}
+    assert first_error("frames/npc.define", good) is None
+    spec = TypeAdapter(ALL_FRAMES["npc.define"]).validate_python(good).npc
+    assert spec.action_names == ["none", "trade"] and spec.emotion_names == ["calm"]
+    clash = {**good, "npc": {**good["npc"], "actions": ["trade", {"name": "trade", "description": "d"}]}}
+    assert first_error("frames/npc.define", clash) is None
+    with pytest.raises(ValueError, match="declared more than once: trade"):
+        TypeAdapter(ALL_FRAMES["npc.define"]).validate_python(clash)

@@ -11,7 +11,20 @@ from pathlib import Path
 import pytest
 from conftest import game_name
 from daemon_proc import DaemonProcess
-from zyke import Cancelled, Client, ConnectionLost, Npc, NpcResponse, ZykeError, ZykeTimeout
+from pydantic import ValidationError
+from zyke import (
+    Cancelled,
+    Choice,
+    Client,
+    ConnectionLost,
+    Npc,
+    NpcResponse,
+    ProtocolError,
+    UnknownAction,
+    ZykeError,
+    ZykeTimeout,
+)
+from zyke.choices import build_choices
 
 PERSONA = "A grumpy dwarf blacksmith who loves his forge."
 ACTIONS = ["none", "trade", "repair", "attack"]
@@ -189,3 +202,58 @@ def test_in_flight_request_fails_typed_when_the_daemon_goes_away(fresh_daemon: D
         finally:
             starter.join()
         assert [t["player"] for t in npc.save()["history"]] == ["Are you back?"]
+
+
+def test_actions_can_be_names_a_mixed_list_or_a_dict_of_descriptions() -> None:
+    assert build_choices(["none", "trade"]) == ["none", "trade"]
+    trade = Choice(name="trade", description="buy or sell goods")
+    assert build_choices(["none", trade, {"name": "flee", "description": "run away"}]) == [
+        "none", trade, Choice(name="flee", description="run away")]
+    # a dict keeps its order; None leaves a name bare
+    assert build_choices({"trade": "buy or sell goods", "none": None}) == [trade, "none"]
+    with pytest.raises(TypeError, match="not the string"):
+        build_choices("none")
+    # checked before anything is sent, like every other malformed definition
+    with Client("ws://127.0.0.1:9", "t") as client, pytest.raises(ValidationError, match="more than once: trade"):
+        client.npc("brom", persona="p", actions=["trade", trade])
+
+
+@pytest.mark.slow
+def test_descriptions_and_allowed_actions(client: Client) -> None:
+    actions = {"none": None, "ferry_across": "take the player over the river on the raft",
+               "refuse": "will not take the player"}
+    npc = client.npc("tam", persona="A taciturn ferryman on the Grey River.", actions=actions,
+                     emotions={"neutral": None, "wary": "distrustful of the player"}, name="Old Tam")
+    assert npc.actions == ["none", "ferry_across", "refuse"] and npc.emotions == ["neutral", "wary"]
+    assert npc.spec.actions[1] == Choice(name="ferry_across", description=actions["ferry_across"])
+    assert_valid(npc.say("Is the river calm tonight?", **SHORT), npc)
+
+    forced = npc.say("Take me across, quick!", allowed_actions=["none"], **SHORT)
+    assert_valid(forced, npc)
+    assert forced.action == "none"
+    stream = npc.stream("Please, I can pay.", allowed_actions=["refuse"], **SHORT)
+    assert "".join(stream) == stream.text
+    assert stream.response is not None and stream.response.action == "refuse"
+
+    with pytest.raises(UnknownAction) as info:
+        npc.say("Take me across.", allowed_actions=["none", "fly"], **SHORT)
+    assert isinstance(info.value, ProtocolError) and info.value.code == "unknown_action"
+    assert "fly" in info.value.message and "ferry_across" in info.value.message
+    assert_valid(npc.say("Never mind.", **SHORT), npc)  # the connection carries on
+    history = npc.save()["history"]
+    assert [t.get("allowed_actions") for t in history] == [None, ["none"], ["refuse"], None]
+
+
+def test_an_error_code_newer_than_the_sdk_still_fails_its_request_with_that_code() -> None:
+    """Error codes are an open set (docs/PROTOCOL.md): an unknown one is a ProtocolError carrying it."""
+    from zyke.aio import _Conn, _route
+
+    conn = _Conn(ws=None, welcome=None, loop=None)  # type: ignore[arg-type]  # routing touches neither
+    queue = conn.register("s1")
+    _route(conn, json.dumps({"v": 1, "type": "error", "id": "s1", "code": "from_the_future", "message": "new"}))
+    item = queue.get_nowait()
+    assert type(item) is ProtocolError
+    assert (item.code, item.message, item.request_id) == ("from_the_future", "new", "s1")
+    known = conn.register("s2")
+    _route(conn, json.dumps({"v": 1, "type": "error", "id": "s2", "code": "unknown_action", "message": "m"}))
+    assert known.get_nowait().code == "unknown_action"  # a known code still parses as an Error frame

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from conftest import game_name
 from daemon_proc import DaemonProcess
-from zyke import AsyncClient, AsyncNpc, Cancelled, NpcResponse, ZykeTimeout
+from zyke import AsyncClient, AsyncNpc, Cancelled, NpcResponse, UnknownAction, ZykeTimeout
 
 LONG_LINE = "Tell me the whole long story of your forge, every detail, from the very beginning."
 
@@ -79,5 +79,28 @@ def test_async_cancel_timeout_and_reuse(daemon: DaemonProcess, request: pytest.F
 
             assert_valid(await brom.say("Good day.", max_tokens=16), brom)
             assert [t["player"] for t in (await brom.save())["history"]] == ["Good day."]
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_async_allowed_actions_and_unknown_action(daemon: DaemonProcess, request: pytest.FixtureRequest) -> None:
+    async def main() -> None:
+        async with AsyncClient(daemon.url, daemon.token, game=game_name(request), timeout=300) as client:
+            brom = await client.npc("brom", persona="A grumpy dwarf blacksmith who loves his forge.",
+                                    actions=["none", {"name": "repair", "description": "mend the player's gear"},
+                                             "attack"], emotions=["neutral", "angry"])
+            assert brom.actions == ["none", "repair", "attack"]
+            reply = await brom.say("Fix my sword or else!", allowed_actions=["none"], max_tokens=24)
+            assert_valid(reply, brom)
+            assert reply.action == "none"
+            stream = brom.stream("I said fix it!", allowed_actions=["attack"], max_tokens=24)
+            async for _ in stream:
+                pass
+            assert stream.response is not None and stream.response.action == "attack"
+            with pytest.raises(UnknownAction) as info:
+                await brom.say("Hello?", allowed_actions=["dance"], max_tokens=16)
+            assert info.value.code == "unknown_action" and "dance" in info.value.message
+            assert_valid(await brom.say("Hello?", max_tokens=16), brom)
 
     asyncio.run(main())

@@ -52,14 +52,17 @@ from zyke.protocol import (
 from zyke.protocol.models import AdapterLoad, AdapterUnload, Cancel, Hello, Limits
 
 from . import __version__
-from .backends.base import DEFAULT_REPEAT_PENALTY, GenerationRequest, GenerationResult
-from .config import DaemonConfig
+from .backends.base import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_REPEAT_PENALTY, GenerationRequest, GenerationResult
+from .config import BASE_ADAPTER, DaemonConfig
 from .errors import DaemonError
 from .reply_stream import ReplyAssembler
 from .sessions import SessionStore
 from .validation import client_frame_types, describe, first_error, validator_for
 
-CAPABILITIES = ["stream", "constrained", "cancel", "npc.state", "adapters"]
+#: What this daemon supports beyond the v1 base; a client checks here before using an additive feature an
+#: older v1 daemon would refuse as bad_frame (docs/PROTOCOL.md): "choices" (described actions and emotions),
+#: "allowed_actions" (npc.say narrowing the actions of one line).
+CAPABILITIES = ["stream", "constrained", "cancel", "npc.state", "adapters", "choices", "allowed_actions"]
 DEFAULT_MAX_TOKENS = 96
 _CLIENT_FRAME: TypeAdapter[Any] = TypeAdapter(ClientFrame)
 
@@ -120,13 +123,16 @@ class DaemonCore:
     """State shared by all connections: config, sessions, what the model is."""
 
     def __init__(self, config: DaemonConfig, sessions: SessionStore, token: str, model: ModelInfo,
-                 backend_name: str, adapters: Callable[[], list[AdapterInfo]] = list) -> None:
+                 backend_name: str, adapters: Callable[[], list[AdapterInfo]] = list,
+                 default_adapter: str | None = None) -> None:
         self.config = config
         self.sessions = sessions
         self.token = token
         self.model = model
         self.backend_name = backend_name
         self.adapters = adapters
+        #: what an NPC that names no adapter speaks with (checked against the served model by the server)
+        self.default_adapter = default_adapter
         self._conn_ids = itertools.count(1)
 
     def connect(self) -> ConnectionCore:
@@ -143,29 +149,35 @@ class DaemonCore:
         max_tokens = opts.max_tokens or DEFAULT_MAX_TOKENS
         history = list(session.history)
         budget = n_ctx - max_tokens - 8
+        allowed = allowed_actions(session.spec, job.frame.allowed_actions, job.request_id)
         while True:
-            prompt = render_prompt(session.spec, history, job.frame.input, job.frame.state)
+            prompt = render_prompt(session.spec, history, job.frame.input, job.frame.state, allowed)
             if not history or count_tokens(prompt) <= budget:
                 break
             history.pop(0)
         return GenerationRequest(
             prompt=prompt,
-            schema=reply_schema(session.spec),
+            schema=reply_schema(session.spec, allowed_actions=allowed),
             max_tokens=max_tokens,
             temperature=opts.temperature if opts.temperature is not None else 0.0,
             top_p=opts.top_p if opts.top_p is not None else 1.0,
             top_k=opts.top_k or 0,
             seed=opts.seed,
             repeat_penalty=opts.repeat_penalty if opts.repeat_penalty is not None else DEFAULT_REPEAT_PENALTY,
+            no_repeat_ngram=opts.no_repeat_ngram if opts.no_repeat_ngram is not None else DEFAULT_NO_REPEAT_NGRAM,
+            # only the turns the prompt shows: a reply dropped to fit n_ctx is no longer there to copy
+            history_says=[t.reply.say for t in history],
             adapter=job.adapter,
             cancel=job.cancel,
         )
 
     def assembler(self, job: SayJob) -> ReplyAssembler:
+        """Follows the generation; a reply cut short falls back to an action this turn allows."""
         spec = self._spec(job)
         defaults = spec.defaults
+        allowed = allowed_actions(spec, job.frame.allowed_actions, job.request_id)
         return ReplyAssembler(
-            list(spec.emotions), list(spec.actions),
+            spec.emotion_names, _narrowed(spec, allowed),
             defaults.emotion if defaults else None, defaults.action if defaults else None,
             job.options.stop,
         )
@@ -175,13 +187,15 @@ class DaemonCore:
         if result.finish_reason == "cancelled":
             raise DaemonError(ErrorCode.CANCELLED, "the request was cancelled", job.request_id)
         spec = self._spec(job)
+        allowed = allowed_actions(spec, job.frame.allowed_actions, job.request_id)
         data, complete = assembler.reply()
-        problem = describe(validator_for(reply_schema(spec)), data) or first_error("npc_reply", data)
+        problem = describe(validator_for(reply_schema(spec, allowed_actions=allowed)), data) \
+            or first_error("npc_reply", data)
         if problem:
             raise DaemonError(ErrorCode.GENERATION_FAILED, f"model reply failed validation: {problem}",
                               job.request_id)
         reply = NpcReply.model_validate(data)
-        turn = Turn(player=job.frame.input, state=job.frame.state, reply=reply)
+        turn = Turn(player=job.frame.input, state=job.frame.state, allowed_actions=allowed, reply=reply)
         self.sessions.record(job.conn.game, job.npc_id, turn)
         now = time.monotonic()
         started = job.started_at or now
@@ -270,7 +284,11 @@ class ConnectionCore:
             raise DaemonError(ErrorCode.BAD_FRAME, f"invalid {kind} frame: {problem}", request_id)
         try:
             return _CLIENT_FRAME.validate_python(raw)
-        except ValidationError as exc:  # the schemas passed it, so this is model/schema drift
+        except ValidationError as exc:
+            rule = _rule_broken(exc, kind)
+            if rule is not None:
+                raise DaemonError(ErrorCode.BAD_FRAME, f"invalid {kind} frame: {rule}", request_id) from None
+            # the schemas passed it and no model rule refused it, so this is model/schema drift
             raise DaemonError(ErrorCode.INTERNAL, f"frame passed the schema but not the model: {exc}",
                               request_id) from None
 
@@ -349,7 +367,12 @@ class ConnectionCore:
             raise DaemonError(ErrorCode.QUEUE_FULL,
                               f"{len(self.pending)} requests already in flight on this connection "
                               f"(limit {self.daemon.config.max_queued_per_client}); wait for a reply", frame.id)
+        allowed_actions(session.spec, frame.allowed_actions, frame.id)
         adapter = frame.adapter if frame.adapter is not None else session.spec.adapter
+        if adapter is None:
+            adapter = self.daemon.default_adapter
+        elif adapter == BASE_ADAPTER:
+            adapter = None
         known = {a.name for a in self.daemon.adapters()}
         if adapter is not None and adapter not in known:
             raise DaemonError(ErrorCode.UNKNOWN_ADAPTER, f"no adapter named {adapter!r} is registered", frame.id)
@@ -362,10 +385,10 @@ class ConnectionCore:
 
     def _check_spec(self, spec: NpcSpec, request_id: str) -> None:
         defaults = spec.defaults
-        if defaults and defaults.emotion and defaults.emotion not in spec.emotions:
+        if defaults and defaults.emotion and defaults.emotion not in spec.emotion_names:
             raise DaemonError(ErrorCode.BAD_FRAME, f"default emotion {defaults.emotion!r} is not in emotions",
                               request_id)
-        if defaults and defaults.action and defaults.action not in spec.actions:
+        if defaults and defaults.action and defaults.action not in spec.action_names:
             raise DaemonError(ErrorCode.BAD_FRAME, f"default action {defaults.action!r} is not in actions",
                               request_id)
 
@@ -374,8 +397,47 @@ def error_frame(code: ErrorCode, message: str, request_id: str | None) -> dict[s
     return dump_frame(Error(id=request_id, code=code, message=message))
 
 
+def allowed_actions(spec: NpcSpec, requested: list[str] | None, request_id: str | None) -> list[str] | None:
+    """The actions one npc.say allows (None: every declared one), refusing labels the NPC never declared.
+
+    An undeclared label is the game's bug, not the model's, so it gets its own code (unknown_action)
+    naming the bad labels and the declared ones, instead of a narrowed enum the model cannot satisfy.
+    Checked when the say arrives and again when it runs: an npc.define in between may drop actions.
+    """
+    if requested is None:
+        return None
+    declared = spec.action_names
+    unknown = [a for a in requested if a not in declared]
+    if unknown:
+        raise DaemonError(ErrorCode.UNKNOWN_ACTION,
+                          f"allowed_actions names actions NPC {spec.id!r} did not declare: {', '.join(unknown)} "
+                          f"(declared: {', '.join(declared)})", request_id)
+    return list(requested)
+
+
+def _narrowed(spec: NpcSpec, allowed: list[str] | None) -> list[str]:
+    """The declared actions a turn may use, in declaration order (the order the reply schema's enum has)."""
+    return spec.action_names if allowed is None else [a for a in spec.action_names if a in allowed]
+
+
 def _unknown_npc(npc: str, request_id: str) -> DaemonError:
     return DaemonError(ErrorCode.UNKNOWN_NPC, f"no NPC named {npc!r} is defined; send npc.define first", request_id)
+
+
+def _rule_broken(exc: ValidationError, kind: str) -> str | None:
+    """The client's mistake a model validator caught, or None when the failure is schema drift.
+
+    A few rules cannot be written in JSON Schema (action and emotion names unique across bare labels
+    and described ones); the models check them with validators that raise ValueError, which pydantic
+    reports as ``value_error``. Those are bad frames, not internal errors.
+    """
+    errors = exc.errors()
+    if not errors or any(e["type"] != "value_error" for e in errors):
+        return None
+    err = errors[0]
+    loc = [str(p) for p in err["loc"]]
+    where = "/".join(loc[1:] if loc and loc[0] == kind else loc) or "(frame)"
+    return f"{where}: {str(err['msg']).removeprefix('Value error, ')}"
 
 
 def _request_id(raw: Any) -> str | None:

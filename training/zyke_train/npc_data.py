@@ -124,7 +124,8 @@ def check_row(row: Any) -> str | None:
     """Why a parsed row is unfit for training, or None when it is fit.
 
     Checks the row schema first (so the narrowed check can trust the NPC's shape), then each history
-    reply and the reply against the reply schema narrowed to this NPC's enums.
+    reply and the reply against the reply schema narrowed to this NPC's enums, and to the turn's
+    ``allowed_actions`` when the game narrowed them (the daemon decodes that turn under that enum).
     """
     error = first_error(_row_validator(), row)
     if error is not None:
@@ -133,14 +134,16 @@ def check_row(row: Any) -> str | None:
         npc = NpcSpec.model_validate(row["npc"])
     except ValidationError as exc:  # the schema and the models mirror each other; this is a safety net
         return f"npc: {exc.errors()[0]['msg']}"
-    narrowed = validator_for(reply_schema(npc))
-    for i, turn in enumerate(row.get("history", [])):
-        error = first_error(narrowed, turn["reply"], f"history/{i}/reply")
+    turns = [(f"history/{i}", t) for i, t in enumerate(row.get("history", []))] + [("", row)]
+    for where, turn in turns:
+        allowed = turn.get("allowed_actions")
+        undeclared = [a for a in allowed or [] if a not in npc.action_names]
+        if undeclared:
+            return f"{where or '(row)'}/allowed_actions: {', '.join(undeclared)} not declared by NPC {npc.id!r}"
+        narrowed = validator_for(reply_schema(npc, allowed_actions=allowed))
+        error = first_error(narrowed, turn["reply"], f"{where}/reply" if where else "reply")
         if error is not None:
-            return f"{error} (not allowed for NPC {npc.id!r})"
-    error = first_error(narrowed, row["reply"], "reply")
-    if error is not None:
-        return f"{error} (not allowed for NPC {npc.id!r})"
+            return f"{error} (not allowed for NPC {npc.id!r}{' this turn' if allowed else ''})"
     return None
 
 
@@ -149,7 +152,8 @@ def render_row(row: dict[str, Any]) -> Example:
     npc = NpcSpec.model_validate(row["npc"])
     history = [Turn.model_validate(t) for t in row.get("history", [])]
     reply = NpcReply.model_validate(row["reply"])
-    prompt, completion = render_example(npc, history, row["input"], reply, row.get("state"))
+    prompt, completion = render_example(npc, history, row["input"], reply, row.get("state"),
+                                        row.get("allowed_actions"))
     return Example(id=row["id"], prompt=prompt, completion=completion)
 
 

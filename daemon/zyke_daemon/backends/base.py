@@ -14,6 +14,11 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 #: Like llama.cpp's default (1.1), a little stronger: greedy decoding of a 270M model loops otherwise.
 DEFAULT_REPEAT_PENALTY = 1.15
+#: The spoken line may not repeat any run of this many tokens from the NPC's earlier replies (or from
+#: itself): the base model otherwise copies its previous reply word for word on the next turn. Four
+#: tokens is about three words: a copied sentence is cut within its first words, while phrases of
+#: three tokens or fewer ("Hello there", "I see") stay free to recur.
+DEFAULT_NO_REPEAT_NGRAM = 4
 
 
 @dataclass
@@ -26,6 +31,10 @@ class GenerationRequest:
     top_k: int = 0
     seed: int | None = None
     repeat_penalty: float = DEFAULT_REPEAT_PENALTY
+    #: the n of the no-repeat n-gram rule over the say string (0: off); see decoding.SayNgramBan
+    no_repeat_ngram: int = DEFAULT_NO_REPEAT_NGRAM
+    #: the say lines of the NPC's earlier replies, as rendered into this prompt: n-grams to ban
+    history_says: list[str] = field(default_factory=list)
     adapter: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 

@@ -2,8 +2,9 @@
 
 A backend only supplies two things: the logits for the next token, and a way to append a token.
 Everything that defines *what* gets generated (the llguidance grammar from the reply schema, greedy
-or seeded sampling, the repeat penalty, max_tokens, cancellation, streaming of decoded text) lives
-here once, so llama.cpp and transformers behave the same for the same request.
+or seeded sampling, the repeat penalty, the no-repeat n-gram ban over the say line, max_tokens,
+cancellation, streaming of decoded text) lives here once, so llama.cpp and transformers behave the
+same for the same request.
 
 Why a loop of our own rather than each library's sampler: llama-cpp-python's GBNF sampler scans
 all 262,144 tokens of Gemma 3's vocabulary each step (decoding falls to about a third of its speed);
@@ -16,7 +17,7 @@ from __future__ import annotations
 import codecs
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from functools import lru_cache
 
@@ -36,6 +37,110 @@ def compile_schema(schema_json: str) -> str:
     schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": ITEM_SEPARATOR,
                             "key_separator": KEY_SEPARATOR}
     return LLMatcher.grammar_from_json_schema(schema)
+
+
+#: How every reply begins: ``say`` is the reply schema's first key (prompt_format renders it first and
+#: the grammar has no free whitespace). The no-repeat ban applies from the character after it to the
+#: say string's closing quote.
+SAY_OPENING = '{"say"' + KEY_SEPARATOR + '"'
+
+NgramTable = dict[tuple[int, ...], set[int]]
+
+
+def say_token_ids(tokenizer: LLTokenizer, say: str) -> list[int]:
+    """An earlier say line as tokens, the way it sits in the prompt between its quotes: JSON-escaped
+    (a quote in the line is ``\\"``, as ``render_reply`` writes it and as the grammar makes the model
+    write it) and tokenized alone, without BOS, by the backend's own tokenizer (llguidance's
+    ``tokenize_str`` calls it). Alone, not cut out of the whole rendered prompt: the model writes a
+    line it copies with the tokens the line has on its own, and a first token fused with the opening
+    quote only costs the one n-gram it starts."""
+    return list(tokenizer.tokenize_str(json.dumps(say, ensure_ascii=False)[1:-1]))
+
+
+def ngram_table(sequences: Iterable[Sequence[int]], n: int) -> NgramTable:
+    """Every n-gram of the sequences, as ``{first n-1 tokens: {tokens that followed them}}``."""
+    table: NgramTable = {}
+    for seq in sequences:
+        for i in range(len(seq) - n + 1):
+            table.setdefault(tuple(seq[i:i + n - 1]), set()).add(seq[i + n - 1])
+    return table
+
+
+class SayNgramBan:
+    """transformers' ``no_repeat_ngram_size`` for the say line, over the NPC's earlier say lines too.
+
+    A greedy 270M model given its previous reply in the prompt copies it on the next turn; a repeat
+    penalty (per token, over this reply only) cannot stop that, and retrying would cost a whole reply.
+    So at each step inside the say string, any token that would complete an ``n``-token run found in
+    an earlier say line, or earlier in this one (so it cannot loop on itself either), is taken out of
+    the grammar's mask before picking. The table is built once per request; ``push`` adds this reply's
+    own n-grams as it goes, so a step costs one tuple and one dict lookup.
+    """
+
+    def __init__(self, n: int, history: Iterable[Sequence[int]]) -> None:
+        if n < 1:
+            raise ValueError("no_repeat_ngram must be at least 1 (0 means no ban object at all)")
+        self.n = n
+        self.table = ngram_table(history, n)
+        self.say: list[int] = []  # this reply's say tokens so far
+
+    def banned(self) -> set[int]:
+        """Tokens that would complete an n-gram already seen, given this reply's say tokens so far."""
+        if len(self.say) < self.n - 1:
+            return set()
+        return self.table.get(tuple(self.say[len(self.say) - self.n + 1:]), set())
+
+    def push(self, token: int) -> None:
+        """Record a say token of this reply, and the n-gram it completes."""
+        self.say.append(token)
+        if len(self.say) >= self.n:
+            self.table.setdefault(tuple(self.say[len(self.say) - self.n:-1]), set()).add(token)
+
+    def apply(self, bitmask: np.ndarray) -> bool:
+        """Clear the banned tokens from llguidance's packed mask, unless no token would be left allowed
+        (the grammar comes first: the reply must stay valid). Returns whether anything was banned."""
+        banned = self.banned()
+        if not banned:
+            return False
+        words = bitmask.view(np.uint32)
+        saved = {t >> 5: words[t >> 5] for t in banned if t >> 5 < words.size}
+        for t in banned:
+            if t >> 5 < words.size:
+                words[t >> 5] &= ~np.uint32(1 << (t & 31))
+        if not words.any():
+            for i, word in saved.items():
+                words[i] = word
+            return False
+        return True
+
+
+class SayScanner:
+    """Where the reply's text stands relative to its say string, fed the decoded text piece by piece:
+    ``inside`` from just after ``SAY_OPENING`` until the string's closing (unescaped) quote. A reply
+    that does not begin with ``SAY_OPENING`` (another schema) is never inside."""
+
+    def __init__(self) -> None:
+        self._matched = 0
+        self._escaped = False
+        self.inside = False
+        self.done = False
+
+    def feed(self, piece: str) -> None:
+        for ch in piece:
+            if self.done:
+                return
+            if not self.inside:
+                if ch != SAY_OPENING[self._matched]:
+                    self.done = True
+                    return
+                self._matched += 1
+                self.inside = self._matched == len(SAY_OPENING)
+            elif self._escaped:
+                self._escaped = False
+            elif ch == "\\":
+                self._escaped = True
+            elif ch == '"':
+                self.inside, self.done = False, True
 
 
 class SequenceDecoder:
@@ -60,6 +165,11 @@ class SequenceDecoder:
         self._mask_ready = False
         self._rng = np.random.default_rng(request.seed)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._say = SayScanner()
+        self._ban: SayNgramBan | None = None
+        if request.no_repeat_ngram > 0:
+            self._ban = SayNgramBan(request.no_repeat_ngram,
+                                    [say_token_ids(tokenizer, say) for say in request.history_says])
         self.generated: list[int] = []
         self._text: list[str] = []
         self._ttft = 0.0
@@ -83,6 +193,8 @@ class SequenceDecoder:
         if not self._mask_ready:
             self.compute_mask()
         self._mask_ready = False
+        if self._ban is not None and self._say.inside:
+            self._ban.apply(self._bitmask)
         logits = logits[: self._n_vocab]
         if self.request.repeat_penalty != 1.0 and self.generated:
             logits = penalize_repeats(logits, self.generated, self.request.repeat_penalty)
@@ -121,8 +233,12 @@ class SequenceDecoder:
         if not self._matcher.consume_token(token):
             raise RuntimeError(f"grammar rejected token {token}: {self._matcher.get_error()}")
         self.generated.append(token)
+        if self._ban is not None and self._say.inside:  # chosen inside the say string: one of its tokens
+            self._ban.push(token)
         piece = self._utf8.decode(self._token_bytes(token))
         self._text.append(piece)
+        if not self._say.done:
+            self._say.feed(piece)
         return self._on_text(piece) if piece else True
 
 

@@ -21,6 +21,7 @@ from .errors import (
     GenerationFailed,
     ProtocolError,
     QueueFull,
+    UnknownAction,
     UnknownAdapter,
     UnknownNpc,
     ZykeError,
@@ -28,6 +29,7 @@ from .errors import (
 )
 from .protocol import (
     AdapterInfo,
+    Choice,
     ErrorCode,
     GenerationOptions,
     NpcReply,
@@ -47,6 +49,7 @@ __all__ = [
     "AsyncReplyStream",
     "AuthenticationError",
     "Cancelled",
+    "Choice",
     "Client",
     "ConnectionLost",
     "DaemonNotRunning",
@@ -63,6 +66,7 @@ __all__ = [
     "ReplyStream",
     "Timings",
     "Turn",
+    "UnknownAction",
     "UnknownAdapter",
     "UnknownNpc",
     "Usage",

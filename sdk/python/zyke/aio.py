@@ -28,6 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from .autostart import LocalDaemon
+from .choices import ChoicesLike, build_choices
 from .errors import (
     START_HINT,
     AuthenticationError,
@@ -209,24 +210,28 @@ class AsyncClient:
         """Connect now (calls connect lazily anyway); returns the daemon's welcome."""
         return (await self._ensure_connected()).welcome
 
-    async def npc(self, npc_id: str, persona: str, actions: Sequence[str] = ("none",),
-                  emotions: Sequence[str] = ("neutral",), *, name: str | None = None,
+    async def npc(self, npc_id: str, persona: str, actions: ChoicesLike = ("none",),
+                  emotions: ChoicesLike = ("neutral",), *, name: str | None = None,
                   adapter: str | None = None, max_history: int | None = None,
                   default_emotion: str | None = None, default_action: str | None = None,
                   options: OptionsLike = None) -> AsyncNpc:
         """Define (or update) an NPC on the daemon and return a handle to talk to it.
 
         An NPC that already exists keeps its conversation history, so a game can define its NPCs on
-        every start. ``actions``/``emotions`` are the only labels replies may use. ``adapter`` is the
-        NPC's default LoRA adapter and ``options`` its default generation options; ``default_emotion``
-        / ``default_action`` are what the daemon falls back to when the model is cut off.
+        every start. ``actions``/``emotions`` are the only labels replies may use: a list of names, a
+        list mixing names and ``Choice``/``{"name", "description"}`` dicts, or a dict of name to
+        description (``{"trade": "buy or sell goods"}``, order kept). The model reads descriptions, so
+        labels it never saw in training (``ferry_across``) still get used when they fit. ``adapter`` is
+        the NPC's default LoRA adapter and ``options`` its default generation options;
+        ``default_emotion`` / ``default_action`` are what the daemon falls back to when the model is cut off.
         """
         defaults = None
         opts = build_options(options)
         if default_emotion is not None or default_action is not None or opts is not None:
             defaults = NpcDefaults(emotion=default_emotion, action=default_action, options=opts)
-        spec = NpcSpec(id=npc_id, name=name, persona=persona, actions=list(actions), emotions=list(emotions),
-                       defaults=defaults, adapter=adapter, max_history=max_history)
+        spec = NpcSpec(id=npc_id, name=name, persona=persona, actions=build_choices(actions, "actions"),
+                       emotions=build_choices(emotions, "emotions"), defaults=defaults, adapter=adapter,
+                       max_history=max_history)
         return await self.define(spec)
 
     async def define(self, spec: NpcSpec) -> AsyncNpc:
@@ -544,13 +549,26 @@ def _route(conn: _Conn, message: str | bytes) -> None:
     try:
         item = model.model_validate(raw)
     except ValidationError as exc:
-        item = ProtocolError(f"the daemon sent an invalid {raw.get('type')} frame: {exc}",
-                             request_id=request_id)
+        item = _unknown_code_error(raw) or ProtocolError(
+            f"the daemon sent an invalid {raw.get('type')} frame: {exc}", request_id=request_id)
     if queue is not None:
         queue.put_nowait(item)
     elif isinstance(item, Error):
         log.warning("daemon error not tied to a pending request: [%s] %s (id %s)",
                     item.code, item.message, item.id)
+
+
+def _unknown_code_error(raw: dict[str, Any]) -> ProtocolError | None:
+    """An error frame whose code is newer than this SDK still fails its request with that code.
+
+    Error codes are an open set (docs/PROTOCOL.md): a newer daemon may send one ``ErrorCode`` lacks,
+    and game code should still see ``.code`` rather than a parse failure that hides it.
+    """
+    code, message, details = raw.get("code"), raw.get("message"), raw.get("details")
+    if raw.get("type") != "error" or not isinstance(code, str) or not isinstance(message, str):
+        return None
+    request_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+    return error_for_code(code, message, request_id, details if isinstance(details, dict) else None)
 
 
 def _timeout_error(seconds: float | None, request_id: str) -> ZykeTimeout:
@@ -598,51 +616,65 @@ class AsyncNpc:
 
     @property
     def actions(self) -> list[str]:
-        return list(self.spec.actions)
+        """The declared actions' names (descriptions, if any, are in ``spec.actions``)."""
+        return self.spec.action_names
 
     @property
     def emotions(self) -> list[str]:
-        return list(self.spec.emotions)
+        """The declared emotions' names."""
+        return self.spec.emotion_names
 
     def __repr__(self) -> str:
         return f"AsyncNpc({self.id!r})"
 
     def _frame(self, text: str, state: Mapping[str, Any] | None, options: GenerationOptions | None,
-               adapter: str | None, stream: bool) -> NpcSay:
+               adapter: str | None, stream: bool, allowed_actions: Sequence[str] | None) -> NpcSay:
+        if isinstance(allowed_actions, str):  # list("none") would become ["n", "o", "n", "e"]
+            raise TypeError(f"allowed_actions must be a list of action names, not the string {allowed_actions!r}")
         return NpcSay(id=self._client._new_id("s"), npc=self.id, input=text,
                       state=dict(state) if state is not None else None, options=options,
-                      stream=stream or None, adapter=adapter)
+                      stream=stream or None, adapter=adapter,
+                      allowed_actions=list(allowed_actions) if allowed_actions is not None else None)
 
     async def say(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
                   adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                   seed: int | None = None, stop: Sequence[str] | None = None,
-                  repeat_penalty: float | None = None) -> NpcResponse:
+                  repeat_penalty: float | None = None, no_repeat_ngram: int | None = None,
+                  allowed_actions: Sequence[str] | None = None) -> NpcResponse:
         """Say a line to the NPC and wait for its whole reply.
 
         ``state`` is the game state the NPC should know about this turn (location, gold, quest flags).
         Generation options come as keywords or an ``options`` object/dict (keywords win); ``adapter``
-        picks a LoRA adapter for this call. When ``timeout`` expires the request is cancelled on the
-        daemon and ``ZykeTimeout`` raised; cancelling the awaiting task cancels it on the daemon too.
+        picks a LoRA adapter for this call. ``allowed_actions`` narrows this line to some of the NPC's
+        declared actions (``["none", "refuse"]`` while the shop is closed); a name the NPC did not
+        declare raises ``UnknownAction`` (code ``unknown_action``) from the daemon. When ``timeout``
+        expires the request is cancelled on the daemon and ``ZykeTimeout`` raised; cancelling the
+        awaiting task cancels it on the daemon too.
         """
         opts = build_options(options, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, seed=seed, stop=stop, repeat_penalty=repeat_penalty)
-        return await self._client._say(self._frame(text, state, opts, adapter, False), timeout)
+                             top_k=top_k, seed=seed, stop=stop, repeat_penalty=repeat_penalty,
+                             no_repeat_ngram=no_repeat_ngram)
+        return await self._client._say(self._frame(text, state, opts, adapter, False, allowed_actions), timeout)
 
     def stream(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
                adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                seed: int | None = None, stop: Sequence[str] | None = None,
-               repeat_penalty: float | None = None) -> AsyncReplyStream:
+               repeat_penalty: float | None = None, no_repeat_ngram: int | None = None,
+               allowed_actions: Sequence[str] | None = None) -> AsyncReplyStream:
         """Say a line and get the reply as it is generated: ``async for piece in npc.stream(...)``.
 
         Each item is the next piece of the spoken line (a ``str``); they concatenate to the final
         ``stream.response.say``. The request is sent on the first iteration. Leaving the loop early
         and closing the stream (``async with`` does it) cancels the request on the daemon.
+        ``allowed_actions`` narrows the line's actions as in ``say``.
         """
         opts = build_options(options, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, seed=seed, stop=stop, repeat_penalty=repeat_penalty)
-        return AsyncReplyStream(self._client, self._frame(text, state, opts, adapter, True), timeout)
+                             top_k=top_k, seed=seed, stop=stop, repeat_penalty=repeat_penalty,
+                             no_repeat_ngram=no_repeat_ngram)
+        return AsyncReplyStream(self._client, self._frame(text, state, opts, adapter, True, allowed_actions),
+                                timeout)
 
     async def save(self) -> dict[str, Any]:
         """The NPC's full state (definition and history) as a JSON-ready dict for a game's save file."""

@@ -30,6 +30,7 @@ from .aio import (
     AsyncReplyStream,
     Timeout,
 )
+from .choices import ChoicesLike
 from .errors import ZykeError
 from .protocol import AdapterInfo, NpcSpec, NpcState, Welcome
 from .response import NpcResponse, OptionsLike
@@ -112,14 +113,16 @@ class Client:
         """Connect now instead of on first use, to fail early (``DaemonNotRunning``, bad token...)."""
         return self._call(self._async.connect())
 
-    def npc(self, npc_id: str, persona: str, actions: Sequence[str] = ("none",),
-            emotions: Sequence[str] = ("neutral",), *, name: str | None = None, adapter: str | None = None,
+    def npc(self, npc_id: str, persona: str, actions: ChoicesLike = ("none",),
+            emotions: ChoicesLike = ("neutral",), *, name: str | None = None, adapter: str | None = None,
             max_history: int | None = None, default_emotion: str | None = None,
             default_action: str | None = None, options: OptionsLike = None) -> Npc:
         """Define (or update) an NPC and return a handle to talk to it.
 
         An NPC that already exists keeps its conversation history, so a game can define its NPCs on
-        every start. Replies only ever use the given ``actions`` and ``emotions``. ``adapter`` and
+        every start. Replies only ever use the given ``actions`` and ``emotions``: lists of names, lists
+        mixing names and ``Choice``/``{"name", "description"}`` dicts, or dicts of name to description
+        (``{"trade": "buy or sell goods"}``; the model reads the descriptions). ``adapter`` and
         ``options`` are the NPC's defaults for every line (a call's own arguments win).
         """
         anpc = self._call(self._async.npc(npc_id, persona, actions, emotions, name=name, adapter=adapter,
@@ -215,23 +218,27 @@ class Npc:
             adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
             temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
             seed: int | None = None, stop: Sequence[str] | None = None,
-            repeat_penalty: float | None = None) -> NpcResponse:
+            repeat_penalty: float | None = None, no_repeat_ngram: int | None = None,
+            allowed_actions: Sequence[str] | None = None) -> NpcResponse:
         """Say a line and block until the whole reply is there.
 
         ``state`` is the game state the NPC should know this turn. Generation options come as keywords
         or an ``options`` object/dict (keywords win); ``adapter`` picks a LoRA adapter for this line.
+        ``allowed_actions`` narrows this line to some of the NPC's declared actions; a name it did not
+        declare raises ``UnknownAction`` (code ``unknown_action``, from the daemon).
         When ``timeout`` expires the request is cancelled on the daemon and ``ZykeTimeout`` raised.
         """
         return self._client._call(self._async.say(
             text, state=state, options=options, adapter=adapter, timeout=timeout, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            repeat_penalty=repeat_penalty))
+            repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions))
 
     def submit(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
                adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-               seed: int | None = None, stop: Sequence[str] | None = None,
-               repeat_penalty: float | None = None) -> concurrent.futures.Future[NpcResponse]:
+               seed: int | None = None, stop: Sequence[str] | None = None, repeat_penalty: float | None = None,
+               no_repeat_ngram: int | None = None,
+               allowed_actions: Sequence[str] | None = None) -> concurrent.futures.Future[NpcResponse]:
         """Like ``say`` but returns at once with a future, for a game loop that polls each frame.
 
         ``future.done()`` / ``future.result()`` as usual; ``future.cancel()`` cancels the line on the daemon.
@@ -239,13 +246,14 @@ class Npc:
         return self._client._submit(self._async.say(
             text, state=state, options=options, adapter=adapter, timeout=timeout, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            repeat_penalty=repeat_penalty))
+            repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions))
 
     def stream(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
                adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                seed: int | None = None, stop: Sequence[str] | None = None,
-               repeat_penalty: float | None = None) -> ReplyStream:
+               repeat_penalty: float | None = None, no_repeat_ngram: int | None = None,
+               allowed_actions: Sequence[str] | None = None) -> ReplyStream:
         """Say a line and iterate over the reply's text as it is generated.
 
         The pieces concatenate to ``stream.response.say``; ``stream.response`` (emotion, action...) is
@@ -255,7 +263,7 @@ class Npc:
         astream = self._async.stream(
             text, state=state, options=options, adapter=adapter, timeout=timeout, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            repeat_penalty=repeat_penalty)
+            repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions)
         return ReplyStream(self._client, astream)
 
     def save(self) -> dict[str, Any]:

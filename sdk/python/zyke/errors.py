@@ -75,6 +75,13 @@ class UnknownAdapter(ProtocolError):
     """No LoRA adapter of that name is registered with the daemon (code ``unknown_adapter``)."""
 
 
+class UnknownAction(ProtocolError):
+    """``allowed_actions`` named an action the NPC was not defined with (code ``unknown_action``).
+
+    A bug in the game's call, not in the model: the message names the bad labels and the declared ones.
+    """
+
+
 class AdapterRejected(ProtocolError):
     """The adapter exists but the daemon refused to load it (code ``adapter_rejected``): it was trained on
     another base model, or its files changed since it was registered."""
@@ -95,6 +102,7 @@ _BY_CODE: dict[str, type[ProtocolError]] = {
     ErrorCode.CANCELLED: Cancelled,
     ErrorCode.UNKNOWN_NPC: UnknownNpc,
     ErrorCode.UNKNOWN_ADAPTER: UnknownAdapter,
+    ErrorCode.UNKNOWN_ACTION: UnknownAction,
     ErrorCode.ADAPTER_REJECTED: AdapterRejected,
     ErrorCode.QUEUE_FULL: QueueFull,
     ErrorCode.GENERATION_FAILED: GenerationFailed,

@@ -29,7 +29,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .protocol.models import NpcReply, NpcSpec, Turn
+from .protocol.models import Choice, NpcReply, NpcSpec, Turn
 
 #: JSON separators used in rendered replies; the daemon's grammar emits the same.
 ITEM_SEPARATOR = ", "
@@ -41,15 +41,27 @@ END_OF_REPLY = "\n"
 
 
 def persona_block(npc: NpcSpec) -> str:
-    """The stable head of every prompt for this NPC (identical across turns, so its KV cache is reused)."""
+    """The stable head of every prompt for this NPC (identical across turns, so its KV cache is reused).
+
+    Actions get one line each, with the game's description when it gave one: a 270M model cannot know
+    what ``ferry_across`` or ``give_item`` mean from the name alone, and the training data renames and
+    describes actions so that the model learns to read this list rather than remember label names.
+    """
     name = npc.display_name
+    action_lines = "".join(f"- {_describe(a)}\n" for a in npc.actions)
     return (
         f"This is a script from a role-playing game. {name} is a character the player meets.\n"
         f"About {name}: {npc.persona.strip()}\n"
         f"{name} always answers the player with one JSON object: \"say\" is what {name} says aloud, "
-        f"\"emotion\" is one of {', '.join(npc.emotions)}, and \"action\" is one of {', '.join(npc.actions)}.\n"
+        f"\"emotion\" is how {name} feels and \"action\" is what {name} does.\n"
+        f"Emotions: {', '.join(_describe(e) for e in npc.emotions)}.\n"
+        f"Actions:\n{action_lines}"
         "\n"
     )
+
+
+def _describe(item: str | Choice) -> str:
+    return item if isinstance(item, str) else f"{item.name} ({_one_line(item.description)})"
 
 
 def render_reply(reply: NpcReply | Mapping[str, Any]) -> str:
@@ -71,19 +83,29 @@ def render_prompt(
     history: Sequence[Turn],
     player_input: str,
     state: Mapping[str, Any] | None = None,
+    allowed_actions: Sequence[str] | None = None,
 ) -> str:
-    """The full model input for one npc.say: persona, history, game state, then the player's line."""
+    """The full model input for one npc.say: persona, history, game state, allowed actions, the player's line."""
     name = npc.display_name
     parts = [persona_block(npc)]
     for turn in history:
-        parts.append(_render_turn(name, turn.player, turn.state))
+        parts.append(_render_turn(name, turn.player, turn.state, turn.allowed_actions))
         parts.append(render_reply(turn.reply) + END_OF_REPLY)
-    parts.append(_render_turn(name, player_input, state))
+    parts.append(_render_turn(name, player_input, state, allowed_actions))
     return "".join(parts)
 
 
-def _render_turn(name: str, player_input: str, state: Mapping[str, Any] | None) -> str:
-    return f"{render_state(state)}Player: {_one_line(player_input)}\n{name}: "
+def render_allowed(allowed_actions: Sequence[str] | None) -> str:
+    """The line that tells the model which actions the game allows this turn (none when all are)."""
+    if not allowed_actions:
+        return ""
+    return f"[Actions allowed now: {', '.join(allowed_actions)}]\n"
+
+
+def _render_turn(
+    name: str, player_input: str, state: Mapping[str, Any] | None, allowed_actions: Sequence[str] | None
+) -> str:
+    return f"{render_state(state)}{render_allowed(allowed_actions)}Player: {_one_line(player_input)}\n{name}: "
 
 
 def render_example(
@@ -92,26 +114,35 @@ def render_example(
     player_input: str,
     reply: NpcReply | Mapping[str, Any],
     state: Mapping[str, Any] | None = None,
+    allowed_actions: Sequence[str] | None = None,
 ) -> tuple[str, str]:
     """A training pair ``(prompt, completion)``: loss belongs on the completion only."""
-    return render_prompt(npc, history, player_input, state), render_reply(reply) + END_OF_REPLY
+    prompt = render_prompt(npc, history, player_input, state, allowed_actions)
+    return prompt, render_reply(reply) + END_OF_REPLY
 
 
-def reply_schema(npc: NpcSpec, max_say_chars: int = MAX_SAY_CHARS) -> dict[str, Any]:
+def reply_schema(
+    npc: NpcSpec, max_say_chars: int = MAX_SAY_CHARS, allowed_actions: Sequence[str] | None = None
+) -> dict[str, Any]:
     """The NPC reply schema narrowed to this NPC's own enums: what the daemon decodes under.
 
     ``target`` and ``args`` are left out of decoding on purpose: a 270M model fills free-form fields
     with noise (seen: ``"target": "repair"``), and games that need them derive them from the action.
     ``render_reply`` writes the same three keys, so training teaches exactly what decoding allows.
+    ``allowed_actions`` narrows the action enum for one turn (kept in the NPC's declaration order).
     """
+    actions = npc.action_names
+    if allowed_actions:
+        allowed = set(allowed_actions)
+        actions = [a for a in actions if a in allowed]
     return {
         "type": "object",
         "additionalProperties": False,
         "required": ["say", "emotion", "action"],
         "properties": {
             "say": {"type": "string", "maxLength": max_say_chars},
-            "emotion": {"enum": list(npc.emotions)},
-            "action": {"enum": list(npc.actions)},
+            "emotion": {"enum": npc.emotion_names},
+            "action": {"enum": actions},
         },
     }
 

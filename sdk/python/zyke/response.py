@@ -72,7 +72,8 @@ class NpcResponse(BaseModel):
 def build_options(options: OptionsLike = None, *, max_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                   seed: int | None = None, stop: Sequence[str] | None = None,
-                  repeat_penalty: float | None = None) -> GenerationOptions | None:
+                  repeat_penalty: float | None = None,
+                  no_repeat_ngram: int | None = None) -> GenerationOptions | None:
     """Merge an options object (or dict) with keyword overrides; ``None`` when nothing is set.
 
     Validated here, so a bad value (``temperature=5``) fails in the caller's frame with a pydantic
@@ -84,6 +85,6 @@ def build_options(options: OptionsLike = None, *, max_tokens: int | None = None,
         merged = dict(options or {})
     overrides = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                  "seed": seed, "stop": list(stop) if stop is not None else None,
-                 "repeat_penalty": repeat_penalty}
+                 "repeat_penalty": repeat_penalty, "no_repeat_ngram": no_repeat_ngram}
     merged.update({k: v for k, v in overrides.items() if v is not None})
     return GenerationOptions.model_validate(merged) if merged else None

@@ -43,6 +43,7 @@ const ERROR_UNAUTHORIZED := "unauthorized"
 const ERROR_DUPLICATE_ID := "duplicate_id"
 const ERROR_UNKNOWN_NPC := "unknown_npc"
 const ERROR_UNKNOWN_ADAPTER := "unknown_adapter"
+const ERROR_UNKNOWN_ACTION := "unknown_action"
 const ERROR_ADAPTER_REJECTED := "adapter_rejected"
 const ERROR_UNKNOWN_REQUEST := "unknown_request"
 const ERROR_QUEUE_FULL := "queue_full"
@@ -93,6 +94,7 @@ const ERROR_CODES := [
 	"duplicate_id",
 	"unknown_npc",
 	"unknown_adapter",
+	"unknown_action",
 	"adapter_rejected",
 	"unknown_request",
 	"queue_full",

@@ -84,6 +84,8 @@ func is_authenticated() -> bool:
 
 ## Define (or update) an NPC; it is re-defined on every reconnect. Returns the request id.
 ## [param spec] follows the protocol's NpcSpec: id, persona, actions, emotions, name, defaults...
+## An action or emotion is a name or {"name": ..., "description": ...}; the model reads
+## descriptions, so game-specific labels get used when they fit.
 func define_npc(spec: Dictionary) -> String:
 	var npc_id := str(spec.get("id", ""))
 	_npcs[npc_id] = spec.duplicate(true)
@@ -102,14 +104,23 @@ func forget_npc(npc_id: String) -> void:
 
 
 ## Say [param text] to an NPC. Returns the request id that reply_received / error carry back.
+## [param allowed_actions] narrows this line to some of the NPC's declared actions (empty: all of
+## them); a name the NPC did not declare fails with error(ZykeProtocol.ERROR_UNKNOWN_ACTION).
 func say(
-	npc_id: String, text: String, state: Dictionary = {}, options: Dictionary = {}, stream := true
+	npc_id: String,
+	text: String,
+	state: Dictionary = {},
+	options: Dictionary = {},
+	stream := true,
+	allowed_actions := PackedStringArray()
 ) -> String:
 	var body := {"npc": npc_id, "input": text, "stream": stream}
 	if not state.is_empty():
 		body["state"] = state
 	if not options.is_empty():
 		body["options"] = options
+	if not allowed_actions.is_empty():
+		body["allowed_actions"] = Array(allowed_actions)
 	return _request(ZykeProtocol.FRAME_NPC_SAY, body, npc_id)
 
 

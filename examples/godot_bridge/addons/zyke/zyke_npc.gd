@@ -18,6 +18,11 @@ signal error(code: String, message: String, request_id: String)
 @export_multiline var persona := ""
 @export var actions := PackedStringArray(["none"])
 @export var emotions := PackedStringArray(["neutral"])
+## Optional descriptions by action name, e.g. {"ferry_across": "take the player over the river"}.
+## The model reads them, so game-specific labels get used when they fit.
+@export var action_descriptions: Dictionary = {}
+## Optional descriptions by emotion name.
+@export var emotion_descriptions: Dictionary = {}
 @export var default_action := ""
 @export var default_emotion := ""
 @export_range(0, 200) var max_history := 12
@@ -54,8 +59,8 @@ func spec() -> Dictionary:
 	var out := {
 		"id": npc_id,
 		"persona": persona,
-		"actions": Array(actions),
-		"emotions": Array(emotions),
+		"actions": _choices(actions, action_descriptions),
+		"emotions": _choices(emotions, emotion_descriptions),
 		"max_history": max_history,
 	}
 	if display_name != "":
@@ -71,10 +76,13 @@ func spec() -> Dictionary:
 
 
 ## Say [param text] to this NPC with optional game [param state] (location, gold...).
+## [param allowed_actions] narrows this line to some of [member actions], e.g. only none and
+## refuse while the shop is closed; an undeclared name fails with
+## error(ZykeProtocol.ERROR_UNKNOWN_ACTION, ...).
 ## Returns the request id carried by reply_received, delta_received and error.
-func say(text: String, state := {}) -> String:
+func say(text: String, state := {}, allowed_actions := PackedStringArray()) -> String:
 	var options := {"max_tokens": max_tokens, "temperature": temperature}
-	return client.say(npc_id, text, state, options, stream)
+	return client.say(npc_id, text, state, options, stream, allowed_actions)
 
 
 ## Stop the reply [param request_id] is generating.
@@ -112,12 +120,39 @@ func load_state(state: Dictionary) -> bool:
 func _apply_spec(npc: Dictionary) -> void:
 	persona = str(npc.get("persona", persona))
 	display_name = str(npc.get("name", display_name))
-	actions = PackedStringArray(npc.get("actions", actions))
-	emotions = PackedStringArray(npc.get("emotions", emotions))
+	action_descriptions = {}
+	emotion_descriptions = {}
+	actions = _names(npc.get("actions", Array(actions)), action_descriptions)
+	emotions = _names(npc.get("emotions", Array(emotions)), emotion_descriptions)
 	max_history = int(npc.get("max_history", max_history))
 	var defaults: Dictionary = npc.get("defaults", {})
 	default_action = str(defaults.get("action", ""))
 	default_emotion = str(defaults.get("emotion", ""))
+
+
+## The wire list: a bare name, or {"name", "description"} when the name has a description.
+static func _choices(names: PackedStringArray, descriptions: Dictionary) -> Array:
+	var out := []
+	for label in names:
+		var description := str(descriptions.get(label, ""))
+		if description == "":
+			out.append(label)
+		else:
+			out.append({"name": label, "description": description})
+	return out
+
+
+## Names of a wire list, filling [param descriptions] with the described ones.
+static func _names(items: Array, descriptions: Dictionary) -> PackedStringArray:
+	var out := PackedStringArray()
+	for item in items:
+		if item is Dictionary:
+			out.append(str(item.get("name", "")))
+			if item.has("description"):
+				descriptions[str(item["name"])] = str(item["description"])
+		else:
+			out.append(str(item))
+	return out
 
 
 func _on_reply(from_npc: String, reply: Dictionary, request_id: String) -> void:

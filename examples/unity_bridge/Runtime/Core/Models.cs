@@ -27,14 +27,43 @@ namespace Zyke
         }
     }
 
+    /// <summary>
+    /// An action or emotion with a description the model reads (protocol Choice). A plain string
+    /// converts to a Choice without one, so lists can mix both:
+    /// <c>new Choice[] { "none", new Choice("ferry_across", "take the player over the river") }</c>.
+    /// </summary>
+    public sealed class Choice
+    {
+        public string Name;
+        /// <summary>What the label means, up to 200 characters; null for a bare label.</summary>
+        public string Description;
+
+        public Choice(string name, string description = null)
+        {
+            Name = name;
+            Description = description;
+        }
+
+        public static implicit operator Choice(string name)
+        {
+            return new Choice(name);
+        }
+    }
+
     /// <summary>An NPC definition (protocol NpcSpec).</summary>
     public sealed class NpcSpec : IJsonWritable
     {
         public string Id;
         public string Name;
         public string Persona;
+        /// <summary>The declared actions' names, in order.</summary>
         public List<string> Actions = new List<string>();
+        /// <summary>The declared emotions' names, in order.</summary>
         public List<string> Emotions = new List<string>();
+        /// <summary>Descriptions of some actions by name; an action without one is sent as a bare label.</summary>
+        public Dictionary<string, string> ActionDescriptions = new Dictionary<string, string>();
+        /// <summary>Descriptions of some emotions by name.</summary>
+        public Dictionary<string, string> EmotionDescriptions = new Dictionary<string, string>();
         public string DefaultEmotion;
         public string DefaultAction;
         public GenerationOptions DefaultOptions;
@@ -51,11 +80,62 @@ namespace Zyke
             Emotions = new List<string>(emotions);
         }
 
+        /// <summary>An NPC whose actions and emotions may carry descriptions (strings convert to Choice).</summary>
+        public NpcSpec(string id, string persona, IEnumerable<Choice> actions, IEnumerable<Choice> emotions)
+        {
+            Id = id;
+            Persona = persona;
+            foreach (var c in actions) Add(Actions, ActionDescriptions, c);
+            foreach (var c in emotions) Add(Emotions, EmotionDescriptions, c);
+        }
+
+        static void Add(List<string> names, Dictionary<string, string> descriptions, Choice choice)
+        {
+            names.Add(choice.Name);
+            if (choice.Description != null) descriptions[choice.Name] = choice.Description;
+        }
+
+        /// <summary>The wire list: a bare label, or {"name", "description"} when the name has a description.</summary>
+        static List<object> Wire(List<string> names, Dictionary<string, string> descriptions)
+        {
+            var list = new List<object>();
+            foreach (var name in names)
+            {
+                string description;
+                if (descriptions != null && name != null && descriptions.TryGetValue(name, out description) && description != null)
+                    list.Add(new Dictionary<string, object> { { "name", name }, { "description", description } });
+                else
+                    list.Add(name);
+            }
+            return list;
+        }
+
+        /// <summary>Read a wire list back into names and descriptions.</summary>
+        static void Read(Dictionary<string, object> o, string key, List<string> names, Dictionary<string, string> descriptions)
+        {
+            object v;
+            var list = o != null && o.TryGetValue(key, out v) ? v as List<object> : null;
+            if (list == null) return;
+            foreach (object item in list)
+            {
+                var s = item as string;
+                var c = item as Dictionary<string, object>;
+                if (s != null) names.Add(s);
+                else if (c != null && JsonRead.Str(c, "name") != null)
+                {
+                    names.Add(JsonRead.Str(c, "name"));
+                    var description = JsonRead.Str(c, "description");
+                    if (description != null) descriptions[JsonRead.Str(c, "name")] = description;
+                }
+            }
+        }
+
         public object ToJson()
         {
             var o = new Dictionary<string, object>
             {
-                { "id", Id }, { "persona", Persona }, { "actions", Actions }, { "emotions", Emotions },
+                { "id", Id }, { "persona", Persona },
+                { "actions", Wire(Actions, ActionDescriptions) }, { "emotions", Wire(Emotions, EmotionDescriptions) },
             };
             if (Name != null) o["name"] = Name;
             if (MaxHistory.HasValue) o["max_history"] = MaxHistory.Value;
@@ -78,10 +158,10 @@ namespace Zyke
                 Id = JsonRead.Str(o, "id"),
                 Name = JsonRead.Str(o, "name"),
                 Persona = JsonRead.Str(o, "persona"),
-                Actions = JsonRead.Strings(o, "actions"),
-                Emotions = JsonRead.Strings(o, "emotions"),
                 Adapter = JsonRead.Str(o, "adapter"),
             };
+            Read(o, "actions", spec.Actions, spec.ActionDescriptions);
+            Read(o, "emotions", spec.Emotions, spec.EmotionDescriptions);
             if (o.ContainsKey("max_history")) spec.MaxHistory = (int)JsonRead.Long(o, "max_history");
             var d = JsonRead.Obj(o, "defaults");
             if (d != null)
@@ -206,6 +286,9 @@ namespace Zyke
         public IDictionary<string, object> State;
         public GenerationOptions Options;
         public string Adapter;
+        /// <summary>The actions this line may end in, a subset of the NPC's declared ones (null: all).
+        /// A name the NPC did not declare fails with code unknown_action.</summary>
+        public IList<string> AllowedActions;
         /// <summary>Request id to use (ZykeClient.NewRequestId()); one is made when null.</summary>
         public string RequestId;
         /// <summary>Called with each piece of the spoken line (streams when set); runs on the client's receive thread.</summary>

@@ -108,6 +108,7 @@ namespace Zyke
             if (request.State != null) frame["state"] = request.State;
             if (request.Options != null) frame["options"] = request.Options;
             if (request.Adapter != null) frame["adapter"] = request.Adapter;
+            if (request.AllowedActions != null) frame["allowed_actions"] = new List<string>(request.AllowedActions);
             var answer = await RequestAsync(frame, request.OnDelta, ct).ConfigureAwait(false);
             return SayResult.FromFrame(answer);
         }

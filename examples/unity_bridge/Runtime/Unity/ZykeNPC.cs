@@ -25,6 +25,11 @@ namespace Zyke.Unity
         [TextArea(3, 10)] public string persona = "";
         public string[] actions = { "none" };
         public string[] emotions = { "neutral" };
+        [Tooltip("Optional: what each action means, by index of actions (empty for none). The model reads them, " +
+                 "so game-specific labels like ferry_across get used when they fit.")]
+        public string[] actionDescriptions = { };
+        [Tooltip("Optional: what each emotion means, by index of emotions (empty for none).")]
+        public string[] emotionDescriptions = { };
         public string defaultAction = "";
         public string defaultEmotion = "";
         [Range(0, 200)] public int maxHistory = 12;
@@ -91,28 +96,40 @@ namespace Zyke.Unity
         public NpcSpec Spec()
         {
             var spec = new NpcSpec(npcId, persona, actions, emotions) { MaxHistory = maxHistory };
+            Describe(spec.ActionDescriptions, actions, actionDescriptions);
+            Describe(spec.EmotionDescriptions, emotions, emotionDescriptions);
             if (!string.IsNullOrEmpty(displayName)) spec.Name = displayName;
             if (!string.IsNullOrEmpty(defaultAction)) spec.DefaultAction = defaultAction;
             if (!string.IsNullOrEmpty(defaultEmotion)) spec.DefaultEmotion = defaultEmotion;
             return spec;
         }
 
+        static void Describe(Dictionary<string, string> into, string[] names, string[] descriptions)
+        {
+            if (names == null || descriptions == null) return;
+            for (int i = 0; i < names.Length && i < descriptions.Length; i++)
+                if (!string.IsNullOrEmpty(descriptions[i])) into[names[i]] = descriptions[i];
+        }
+
         /// <summary>Say something to this NPC (game state optional). Returns the request id; the
-        /// answer comes through OnDelta/OnReply/OnError on the main thread.</summary>
-        public string Say(string text, IDictionary<string, object> state = null)
+        /// answer comes through OnDelta/OnReply/OnError on the main thread. allowedActions narrows
+        /// this line to some of the declared actions (e.g. only "none" and "refuse" while the shop is
+        /// closed); an undeclared name fails with OnError("unknown_action", ...).</summary>
+        public string Say(string text, IDictionary<string, object> state = null, IList<string> allowedActions = null)
         {
             string requestId = Client.NewRequestId();
-            SayAsync(text, state, requestId);
+            SayAsync(text, state, requestId, allowedActions);
             return requestId;
         }
 
         /// <summary>Awaitable variant; the events still fire. Continuations run where Unity's
         /// SynchronizationContext puts them (the main thread when awaited from it).</summary>
-        public Task<SayResult> SayAsync(string text, IDictionary<string, object> state = null, string requestId = null)
+        public Task<SayResult> SayAsync(string text, IDictionary<string, object> state = null, string requestId = null,
+                                        IList<string> allowedActions = null)
         {
             var request = new SayRequest
             {
-                NpcId = npcId, Input = text, State = state, RequestId = requestId,
+                NpcId = npcId, Input = text, State = state, RequestId = requestId, AllowedActions = allowedActions,
                 Options = new GenerationOptions { MaxTokens = maxTokens, Temperature = temperature },
             };
             if (stream) request.OnDelta = piece => _mainThread.Enqueue(() => OnDelta.Invoke(piece));
@@ -150,6 +167,8 @@ namespace Zyke.Unity
                 persona = spec.Persona;
                 actions = spec.Actions.ToArray();
                 emotions = spec.Emotions.ToArray();
+                actionDescriptions = spec.Actions.ConvertAll(a => spec.ActionDescriptions.ContainsKey(a) ? spec.ActionDescriptions[a] : "").ToArray();
+                emotionDescriptions = spec.Emotions.ConvertAll(e => spec.EmotionDescriptions.ContainsKey(e) ? spec.EmotionDescriptions[e] : "").ToArray();
                 displayName = spec.Name ?? "";
             });
         }

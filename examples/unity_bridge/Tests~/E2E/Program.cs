@@ -71,6 +71,14 @@ static class Program
         var back = NpcSpec.FromJson(Json.ParseObject(Json.Serialize(spec)));
         Check(back.Id == "brom" && back.MaxHistory == 3 && back.DefaultAction == "none" && back.Actions[0] == "none",
               "json: NpcSpec round trip");
+        string described = Json.Serialize(Tam());
+        Check(described.Contains("\"actions\":[\"none\",{\"name\":\"ferry_across\",\"description\":\"take the player over the river on the raft\"}"),
+              "json: described actions are written as Choice objects, bare ones as labels");
+        var tam = NpcSpec.FromJson(Json.ParseObject(described));
+        Check(string.Join(",", tam.Actions) == "none,ferry_across,refuse" && tam.ActionDescriptions["refuse"] == "will not take the player"
+              && !tam.ActionDescriptions.ContainsKey("none") && tam.EmotionDescriptions["wary"] == "distrustful of the player",
+              "json: NpcSpec with descriptions round trip");
+        Check(Json.Serialize(tam) == described, "json: described NpcSpec writes back identically");
     }
 
     static ZykeClient NewClient(string url, string token)
@@ -91,6 +99,15 @@ static class Program
         {
             Name = "Brom", DefaultEmotion = "neutral", DefaultAction = "none", MaxHistory = 8,
         };
+    }
+
+    /// <summary>An NPC whose game-specific labels only make sense with their descriptions.</summary>
+    static NpcSpec Tam()
+    {
+        return new NpcSpec("tam", "A taciturn ferryman on the Grey River who takes coin and asks no questions.",
+            new Choice[] { "none", new Choice("ferry_across", "take the player over the river on the raft"),
+                           new Choice("refuse", "will not take the player") },
+            new Choice[] { "neutral", new Choice("wary", "distrustful of the player") }) { Name = "Old Tam" };
     }
 
     static SayRequest Say(string input, Action<string> onDelta = null, int maxTokens = 24)
@@ -164,6 +181,27 @@ static class Program
             catch (ZykeException e)
             {
                 Check(e.Code == ProtocolConstants.ErrorCodes.BadFrame, "define with a bad id: code " + e.Code);
+            }
+
+            await client.DefineAsync(Tam());
+            await client.ResetAsync("tam");
+            Check(true, "npc.define with described actions and emotions answered");
+            var only = await client.SayAsync(new SayRequest
+            {
+                NpcId = "tam", Input = "Take me across the river, quick!", AllowedActions = new[] { "none" },
+                Options = new GenerationOptions { MaxTokens = 24, Temperature = 0, Seed = 7 },
+            });
+            Check(only.Reply.Action == "none", "allowed_actions [none]: action '" + only.Reply.Action + "'");
+            Console.WriteLine("ALLOWED_REPLY_JSON " + Json.Serialize(only.Reply.Raw));
+            try
+            {
+                await client.SayAsync(new SayRequest { NpcId = "tam", Input = "hi", AllowedActions = new[] { "fly" }, RequestId = "bad-2" });
+                Check(false, "an undeclared allowed action fails");
+            }
+            catch (ZykeException e)
+            {
+                Check(e.Code == ProtocolConstants.ErrorCodes.UnknownAction && e.RequestId == "bad-2" && e.Message.Contains("fly") && e.Message.Contains("ferry_across"),
+                      "undeclared allowed action: code " + e.Code + " (" + e.Message + ")");
             }
 
             using (var cts = new CancellationTokenSource())

@@ -16,6 +16,7 @@ class ErrorCode(StrEnum):
     DUPLICATE_ID = "duplicate_id"
     UNKNOWN_NPC = "unknown_npc"
     UNKNOWN_ADAPTER = "unknown_adapter"
+    UNKNOWN_ACTION = "unknown_action"
     ADAPTER_REJECTED = "adapter_rejected"
     UNKNOWN_REQUEST = "unknown_request"
     QUEUE_FULL = "queue_full"

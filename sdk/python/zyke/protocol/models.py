@@ -32,6 +32,39 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Choice(_Model):
+    """An action or emotion with a description the model reads ("trade": "buy or sell goods").
+
+    Descriptions are what let a game use labels the model never saw in training: the prompt renders
+    them, so ``ferry_across: take the player over the river`` is as readable as ``trade``.
+    """
+
+    name: Label
+    description: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+def label_name(item: str | Choice) -> str:
+    """The label of a declared action or emotion, whether it came as a bare name or a ``Choice``."""
+    return item if isinstance(item, str) else item.name
+
+
+def _unique_names(items: list[str | Choice]) -> list[str | Choice]:
+    """Names must be unique across both forms (``"trade"`` and ``{"name": "trade", ...}`` clash).
+
+    JSON Schema's uniqueItems only compares whole items, so this is the one check the schemas cannot
+    make; the message names the clashing labels because the daemon sends it back as ``bad_frame``.
+    """
+    names = [label_name(i) for i in items]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"names must be unique; declared more than once: {', '.join(repeated)}")
+    return items
+
+
+#: A declared action or emotion list: bare labels, described labels, or a mix; names unique.
+Choices = Annotated[list[Label | Choice], AfterValidator(_unique_names)]
+
+
 class GenerationOptions(_Model):
     max_tokens: int | None = Field(None, ge=1, le=1024)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -39,6 +72,7 @@ class GenerationOptions(_Model):
     top_k: int | None = Field(None, ge=0, le=1000)
     seed: int | None = Field(None, ge=0, le=4294967295)
     repeat_penalty: float | None = Field(None, ge=1, le=2)
+    no_repeat_ngram: int | None = Field(None, ge=0, le=16)
     stop: list[Annotated[str, StringConstraints(min_length=1, max_length=32)]] | None = Field(None, max_length=4)
 
 
@@ -52,8 +86,8 @@ class NpcSpec(_Model):
     id: NpcId
     name: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     persona: Annotated[str, StringConstraints(min_length=1, max_length=4000)]
-    actions: UniqueLabels = Field(min_length=1, max_length=64)
-    emotions: UniqueLabels = Field(min_length=1, max_length=64)
+    actions: Choices = Field(min_length=1, max_length=64)
+    emotions: Choices = Field(min_length=1, max_length=64)
     defaults: NpcDefaults | None = None
     adapter: AdapterName | None = None
     max_history: int | None = Field(None, ge=0, le=200)
@@ -61,6 +95,16 @@ class NpcSpec(_Model):
     @property
     def display_name(self) -> str:
         return self.name or self.id
+
+    @property
+    def action_names(self) -> list[str]:
+        """The declared actions' labels, in declaration order (what decoding may choose from)."""
+        return [label_name(a) for a in self.actions]
+
+    @property
+    def emotion_names(self) -> list[str]:
+        """The declared emotions' labels, in declaration order."""
+        return [label_name(e) for e in self.emotions]
 
 
 class NpcReply(_Model):
@@ -87,6 +131,8 @@ class Timings(_Model):
 class Turn(_Model):
     player: str = Field(max_length=4000)
     state: dict[str, Any] | None = None
+    #: The actions the game allowed for this turn, when it narrowed them (kept so the turn renders as it did).
+    allowed_actions: UniqueLabels | None = Field(None, min_length=1, max_length=64)
     reply: NpcReply
 
 
@@ -152,6 +198,7 @@ class NpcSay(Frame):
     options: GenerationOptions | None = None
     stream: bool | None = None
     adapter: AdapterName | None = None
+    allowed_actions: UniqueLabels | None = Field(None, min_length=1, max_length=64)
 
 
 class Cancel(Frame):
