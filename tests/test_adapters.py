@@ -100,8 +100,9 @@ def test_llamacpp_hot_swap_changes_output_and_unload_restores(tmp_path: Path, ba
 
 @pytest.fixture
 def adapter_daemon(tmp_path: Path, base: tuple[Path, str]) -> Iterator[DaemonProcess]:
-    """A daemon whose data dir has adapters 'a' and 'b', registered through the real zyke-train CLI."""
-    proc = DaemonProcess(tmp_path / "home")
+    """A daemon whose data dir has adapters 'a' and 'b', registered through the real zyke-train CLI; the shipped
+    default adapter is switched off so that an NPC naming no adapter runs on the bare base model."""
+    proc = DaemonProcess(tmp_path / "home", extra_args=["--default-adapter", "none"])
     for name, seed in [("a", 1), ("b", 2)]:
         src = make_random_lora(tmp_path / f"src-{name}", base[0], seed=seed)
         out = subprocess.run([sys.executable, "-m", "zyke_train", "register", name, str(src)], env=proc.env,
@@ -132,7 +133,7 @@ def test_interleaved_adapters_on_a_live_daemon_never_mix(adapter_daemon: DaemonP
     async def main() -> None:
         c1, c2 = await connect(adapter_daemon, game="mix"), await connect(adapter_daemon, game="mix")
         [listing] = await c1.request({"v": 1, "type": "adapter.list", "id": "l"})
-        assert {a["name"] for a in listing["adapters"]} == {"a", "b"}
+        assert {a["name"] for a in listing["adapters"]} == {"a", "b", "npc-default"}  # + the shipped one
         solo: dict[str | None, dict[str, Any]] = {}
         for adapter in ["a", None, "b"]:
             await define(c1, _npc(f"solo-{adapter}", adapter))

@@ -22,12 +22,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from zyke.protocol import AdapterInfo, ErrorCode
 from zyke.protocol.models import AdapterName
 
+from .config import BASE_ADAPTER
 from .embedded import sha256_file
 from .errors import DaemonError
 from .lora_gguf import export_peft_to_gguf
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: Adapters shipped inside the package: an adapter root like any other (manifest, hashes, base check).
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "shipped_adapters"
 
 
 class AdapterEntry(BaseModel):
@@ -50,6 +53,9 @@ class AdapterEntry(BaseModel):
     alpha: float
     targets: list[str]
     sha256: dict[str, str]
+    #: how it was made (the command that reproduces it) and what it scored, for shipped adapters
+    recipe: str | None = None
+    evaluation: dict[str, Any] | None = None
 
 
 class Manifest(BaseModel):
@@ -114,8 +120,11 @@ class AdapterRegistry:
         return target
 
     def register(self, name: str, peft_dir: Path, base_fingerprint: str, base_name: str | None = None,
-                 arch: str = "gemma3") -> AdapterEntry:
+                 arch: str = "gemma3", recipe: str | None = None,
+                 evaluation: dict[str, Any] | None = None) -> AdapterEntry:
         """Copy a PEFT adapter into the default root, export its GGUF twin, record both in the manifest."""
+        if name == BASE_ADAPTER:
+            raise ValueError(f"{BASE_ADAPTER!r} is reserved: it names the bare base model")
         config = json.loads((peft_dir / "adapter_config.json").read_text())
         root = self.default_root
         dest = root / name
@@ -135,7 +144,7 @@ class AdapterRegistry:
         entry = AdapterEntry(
             name=name, base=base_fingerprint, base_name=base_name, peft=f"{name}/peft", gguf=f"{name}/adapter.gguf",
             rank=int(config["r"]), alpha=float(config["lora_alpha"]), targets=sorted(config["target_modules"]),
-            sha256={rel: sha256_file(root / rel) for rel in rels})
+            sha256={rel: sha256_file(root / rel) for rel in rels}, recipe=recipe, evaluation=evaluation)
         manifest = self._read(root)
         manifest.adapters[name] = entry
         self._write(root, manifest)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from zyke.paths import data_dir, ensure_token
 
-from .adapters import AdapterRegistry
+from .adapters import SHIPPED_ADAPTERS, AdapterRegistry
 from .backends.loader import load_backend
 from .config import DaemonConfig
 from .embedded import resolve_model
@@ -24,7 +24,7 @@ async def run_daemon(config: DaemonConfig, started: asyncio.Event | None = None)
     resolve_model(config.model)  # fast; fails early with ModelLoadError
     token = config.token or ensure_token()
     sessions = SessionStore(data_dir() / "npcs", default_max_history=config.max_history)
-    registry = AdapterRegistry([data_dir() / "adapters", *(Path(d) for d in config.adapter_dirs)])
+    registry = AdapterRegistry([data_dir() / "adapters", *(Path(d) for d in config.adapter_dirs), SHIPPED_ADAPTERS])
     server = DaemonServer(config, sessions, token, load=lambda: load_backend(config), registry=registry)
     await server.start()
     loop = asyncio.get_running_loop()

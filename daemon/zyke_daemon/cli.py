@@ -50,6 +50,9 @@ def cli() -> None:
               help="A browser Origin allowed to connect (repeatable). Browsers are refused otherwise.")
 @click.option("--adapter-dir", "adapter_dirs", multiple=True, type=click.Path(file_okay=False),
               help="Another directory with a manifest.json of LoRA adapters (repeatable).")
+@click.option("--default-adapter", "default_adapter",
+              help="Adapter for NPCs that name none (default: the shipped npc-default on the embedded model; "
+                   "'none' serves the bare base model).")
 @click.option("--detach", is_flag=True, help="Run in the background and return once the model is ready.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
 def start(detach: bool, **flags: Any) -> None:

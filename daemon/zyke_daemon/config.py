@@ -14,6 +14,13 @@ from typing import Any
 
 from zyke.paths import DEFAULT_PORT, config_dir
 
+#: The adapter an NPC on the embedded model speaks with unless the game or the daemon's settings name
+#: another: the base model alone is a script-continuing text model, not an NPC. It ships inside the
+#: package (``zyke_daemon/shipped_adapters``, see ``adapters.SHIPPED_ADAPTERS``).
+DEFAULT_ADAPTER_NAME = "npc-default"
+#: The adapter name a game uses on ``npc.define`` / ``npc.say`` for "no adapter: the bare base model".
+BASE_ADAPTER = "base"
+
 
 @dataclass(frozen=True)
 class DaemonConfig:
@@ -36,6 +43,9 @@ class DaemonConfig:
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
     adapter_dirs: tuple[str, ...] = field(default_factory=tuple)  # besides <data dir>/adapters
     max_loaded_adapters: int = 8
+    #: the adapter NPCs use when neither the game nor the NPC names one; "none" turns it off. Applied only
+    #: when it is registered for the model being served (the shipped one fits the embedded model).
+    default_adapter: str | None = DEFAULT_ADAPTER_NAME
     token: str | None = None  # None: ZYKE_TOKEN or the token file
 
     @property
@@ -49,7 +59,7 @@ def config_file() -> Path:
 
 def _coerce(name: str, raw: Any) -> Any:
     kind = {f.name: f.type for f in fields(DaemonConfig)}[name]
-    if raw is None:
+    if raw is None or (name == "default_adapter" and str(raw).strip().lower() in {"", "none"}):
         return None
     if "tuple" in str(kind):
         items = raw.split(",") if isinstance(raw, str) else raw

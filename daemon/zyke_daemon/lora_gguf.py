@@ -67,6 +67,8 @@ def export_peft_to_gguf(adapter_dir: Path, out_path: Path, arch: str = "gemma3")
     for (layer, module), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise LoraExportError(f"layer {layer} {module} has lora_{''.join(ab)} only")
+        # kept in half precision when the PEFT file is (a shipped adapter is half the size); else float32
+        out_dtype = np.float16 if ab["A"].dtype == np.float16 else np.float32
         lora_a, lora_b = ab["A"].astype(np.float32), ab["B"].astype(np.float32)
         r = lora_a.shape[0]
         # llama.cpp has one alpha per file: fold any per-module alpha/rank into B so B·A·scale is unchanged
@@ -75,8 +77,8 @@ def export_peft_to_gguf(adapter_dir: Path, out_path: Path, arch: str = "gemma3")
         module_rank = int(rank_pattern.get(short, rank))
         fold = (module_alpha / module_rank) / (alpha / r) if (module_alpha, module_rank) != (alpha, r) else 1.0
         name = f"blk.{layer}.{MODULE_TO_GGUF[module]}.weight"
-        writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(lora_a))
-        writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(lora_b * fold))
+        writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(lora_a.astype(out_dtype)))
+        writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray((lora_b * fold).astype(out_dtype)))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -121,9 +121,23 @@ class DaemonServer:
             self.ready.set_exception(exc)
             return
         self.core = DaemonCore(self.config, self.sessions, self.token, self.backend.model, self.backend.name,
-                               adapters=self._adapters)
+                               adapters=self._adapters, default_adapter=self._default_adapter())
         self.ready.set_result(None)
         log.info("model %s ready on %s", self.backend.model.name, self.backend.name)
+
+    def _default_adapter(self) -> str | None:
+        """The configured default adapter if it is registered for the model being served, else None (logged):
+        a custom base model keeps working without it instead of failing every request."""
+        name, backend = self.config.default_adapter, self.backend
+        if name is None or backend is None:
+            return None
+        try:
+            self.registry.resolve(name, backend.fingerprint, backend.adapter_kind)
+        except DaemonError as exc:
+            log.warning("not using the default adapter %r: %s", name, exc.message)
+            return None
+        log.info("NPCs that name no adapter use %r", name)
+        return name
 
     def _adapters(self) -> list[AdapterInfo]:
         return self.registry.infos(self.backend.loaded_adapters if self.backend else [])

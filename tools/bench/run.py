@@ -17,6 +17,11 @@ Embedded model (Gemma 3 270M Q4_K_M), llama.cpp, 2 threads. Figures (tools/bench
                 4b: the same ratio for raw llama.cpp decoding 4 sequences in one batch (the ceiling
                 batching could reach on this machine)
 5. bound        raw decode tokens/s / (measured copy bandwidth / weight bytes read per token)
+6. adapter      decode tokens/s under the NPC schema with the shipped default adapter (npc-default) /
+                the same without any adapter, same backend, alternating rounds
+
+    python tools/bench/run.py --only adapter     # one figure (names: constrained, multi_turn, raw_batching,
+                                                 # daemon, bound, adapter); the JSON then holds just those
 """
 
 from __future__ import annotations
@@ -129,6 +134,30 @@ def constrained_vs_raw(path: Path, sha: str, rounds: int, tokens: int) -> dict[s
             "target": ">= 0.85"}
 
 
+def adapter_cost(path: Path, sha: str, rounds: int, tokens: int) -> dict[str, Any]:
+    """What the shipped default adapter costs: the same constrained request with and without it, in one
+    backend, alternating, each from a cold slot (LoRA adds a low-rank matmul to every adapted projection)."""
+    from zyke_daemon.adapters import SHIPPED_ADAPTERS, AdapterRegistry
+    from zyke_daemon.config import DEFAULT_ADAPTER_NAME
+
+    backend = LlamaCppBackend(path, sha256=sha, n_ctx=2048, n_threads=THREADS)
+    try:
+        gguf = AdapterRegistry([SHIPPED_ADAPTERS]).resolve(DEFAULT_ADAPTER_NAME, backend.fingerprint, "gguf")
+        backend.load_adapter(DEFAULT_ADAPTER_NAME, gguf)
+        backend.generate(request(NPCS[1], 4), lambda _: True)  # compile the grammar
+        with_adapter, bare = [], []
+        for i in range(rounds):
+            for adapter, out in ((DEFAULT_ADAPTER_NAME, with_adapter), (None, bare)):
+                backend.reset()
+                req = request(NPCS[1], tokens, line=f"{LINE} ({i})")
+                req.adapter, req.no_repeat_ngram = adapter, 0
+                out.append(decode_rate(backend.generate(req, lambda _: True)))
+    finally:
+        backend.close()
+    return {"adapter_tok_s": med(with_adapter), "base_tok_s": med(bare), "ratio": med(with_adapter) / med(bare),
+            "adapter": DEFAULT_ADAPTER_NAME, "target": ">= 0.90"}
+
+
 def multi_turn(backend: LlamaCppBackend, rounds: int) -> dict[str, Any]:
     """5th-turn TTFT from the slots (another NPC talks between each turn, and each turn is followed by the
     daemon's idle-time prefill) vs the same prompt cold."""
@@ -160,7 +189,7 @@ def _reply(text: str, npc: NpcSpec) -> NpcReply:
     try:
         return NpcReply.model_validate_json(text)
     except ValueError:
-        return NpcReply(say="Hm.", emotion=npc.emotions[0], action=npc.actions[0])
+        return NpcReply(say="Hm.", emotion=npc.emotion_names[0], action=npc.action_names[0])
 
 
 def daemon_figures(llm: llama_cpp.Llama, rounds: int, tokens: int) -> dict[str, Any]:
@@ -317,27 +346,36 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--json", type=Path, default=ROOT / "tools" / "bench" / "results" / "bench.json")
+    parser.add_argument("--only", action="append", choices=FIGURES, help="run just this figure (repeatable)")
     args = parser.parse_args()
+    only = set(args.only or FIGURES)
 
     path, sha = embedded_model_path()
     result: dict[str, Any] = {"machine": machine(), "model": path.name}
-    result["constrained"] = constrained_vs_raw(path, sha, args.rounds, args.tokens)
-    backend = LlamaCppBackend(path, sha256=sha, n_ctx=2048, n_threads=THREADS)
-    try:
-        result["multi_turn"] = multi_turn(backend, max(1, args.rounds - 1))
-    finally:
-        backend.close()
-    raw = RawLlamaCpp(path)
-    try:
-        result["raw_batching"] = raw_batching(raw, args.tokens)
-    finally:
-        raw.close()
-    llm = raw_llama(path)
-    try:
-        result |= daemon_figures(llm, args.rounds, args.tokens)
-    finally:
-        llm.close()
-    result["bound"] = bound(path, result["constrained"]["raw_unconstrained_tok_s"])
+    if only & {"constrained", "bound"}:
+        result["constrained"] = constrained_vs_raw(path, sha, args.rounds, args.tokens)
+    if "multi_turn" in only:
+        backend = LlamaCppBackend(path, sha256=sha, n_ctx=2048, n_threads=THREADS)
+        try:
+            result["multi_turn"] = multi_turn(backend, max(1, args.rounds - 1))
+        finally:
+            backend.close()
+    if "raw_batching" in only:
+        raw = RawLlamaCpp(path)
+        try:
+            result["raw_batching"] = raw_batching(raw, args.tokens)
+        finally:
+            raw.close()
+    if "daemon" in only:
+        llm = raw_llama(path)
+        try:
+            result |= daemon_figures(llm, args.rounds, args.tokens)
+        finally:
+            llm.close()
+    if "bound" in only:
+        result["bound"] = bound(path, result["constrained"]["raw_unconstrained_tok_s"])
+    if "adapter" in only:
+        result["adapter"] = adapter_cost(path, sha, args.rounds, args.tokens)
     result["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
@@ -345,35 +383,45 @@ def main() -> None:
     print(f"\nwritten to {args.json}")
 
 
+FIGURES = ("constrained", "multi_turn", "raw_batching", "daemon", "bound", "adapter")
+
+
 def table(r: dict[str, Any]) -> str:
     m = r["machine"]
-    rows = [
-        ("1 overhead: SDK+daemon npc.say (constrained) / llama-cpp-python create_completion (same prompt, "
-         "greedy, unconstrained, same tokens), new line each round",
-         f"{r['overhead']['sdk_daemon_ms']:.0f} / {r['overhead']['raw_llama_cpp_ms']:.0f} ms",
-         r["overhead"]["ratio"], "<= 1.05"),
-        ("2 decode tok/s: backend under the NPC schema / llama.cpp C API greedy loop, unconstrained",
-         f"{r['constrained']['constrained_tok_s']:.1f} / {r['constrained']['raw_unconstrained_tok_s']:.1f} tok/s",
-         r["constrained"]["ratio"], ">= 0.85"),
-        ("3 TTFT 5th turn (another NPC between turns) / same prompt cold",
-         f"{r['multi_turn']['ttft_turn5_ms']:.0f} / {r['multi_turn']['ttft_cold_ms']:.0f} ms",
-         r["multi_turn"]["ratio"], "<= 0.3"),
-        ("4 aggregate tok/s through the daemon: 4 NPCs at once / the same 4 one after another",
-         f"{r['concurrency']['four_npcs_tok_s']:.1f} / {r['concurrency']['one_npc_tok_s']:.1f} tok/s",
-         r["concurrency"]["ratio"], ">= 1.5"),
-        ("4b raw llama.cpp decode tok/s, 4 sequences per llama_decode / 1 (batching's ceiling here)",
-         f"{r['raw_batching']['four_seq_tok_s']:.1f} / {r['raw_batching']['one_seq_tok_s']:.1f} tok/s",
-         r["raw_batching"]["ratio"], "(report)"),
-        ("5 raw decode tok/s / memory-bandwidth bound",
-         f"{r['bound']['decode_tok_s']:.1f} / {r['bound']['bound_tok_s']:.1f} tok/s",
-         r["bound"]["fraction"], "(report)"),
-    ]
+    rows = [row for key, row in _rows(r) if key in r]
     out = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, Python {m['python']}, "
            f"llama-cpp-python {m['llama_cpp_python']}, {m['threads']} threads, {m['date']}, "
            f"load avg {m['load_avg_1m_at_start']:.1f} -> {m['load_avg_1m_at_end']:.1f}", "",
            "| Figure | Measured | Ratio | Target |", "|---|---|---|---|"]
     out += [f"| {name} | {measured} | {ratio:.3f} | {target} |" for name, measured, ratio, target in rows]
     return "\n".join(out)
+
+
+def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(result key, table row) for each figure present: a partial run (``--only``) prints its own rows."""
+    rows: list[tuple[str, Any]] = []
+
+    def add(key: str, name: str, measured: Any, ratio: Any, target: str) -> None:
+        if key in r:
+            rows.append((key, (name, measured(r[key]), ratio(r[key]), target)))
+
+    add("overhead", "1 overhead: SDK+daemon npc.say (constrained) / llama-cpp-python create_completion (same "
+        "prompt, greedy, unconstrained, same tokens), new line each round",
+        lambda f: f"{f['sdk_daemon_ms']:.0f} / {f['raw_llama_cpp_ms']:.0f} ms", lambda f: f["ratio"], "<= 1.05")
+    add("constrained", "2 decode tok/s: backend under the NPC schema / llama.cpp C API greedy loop, unconstrained",
+        lambda f: f"{f['constrained_tok_s']:.1f} / {f['raw_unconstrained_tok_s']:.1f} tok/s",
+        lambda f: f["ratio"], ">= 0.85")
+    add("multi_turn", "3 TTFT 5th turn (another NPC between turns) / same prompt cold",
+        lambda f: f"{f['ttft_turn5_ms']:.0f} / {f['ttft_cold_ms']:.0f} ms", lambda f: f["ratio"], "<= 0.3")
+    add("concurrency", "4 aggregate tok/s through the daemon: 4 NPCs at once / the same 4 one after another",
+        lambda f: f"{f['four_npcs_tok_s']:.1f} / {f['one_npc_tok_s']:.1f} tok/s", lambda f: f["ratio"], ">= 1.5")
+    add("raw_batching", "4b raw llama.cpp decode tok/s, 4 sequences per llama_decode / 1 (batching's ceiling here)",
+        lambda f: f"{f['four_seq_tok_s']:.1f} / {f['one_seq_tok_s']:.1f} tok/s", lambda f: f["ratio"], "(report)")
+    add("bound", "5 raw decode tok/s / memory-bandwidth bound",
+        lambda f: f"{f['decode_tok_s']:.1f} / {f['bound_tok_s']:.1f} tok/s", lambda f: f["fraction"], "(report)")
+    add("adapter", "6 decode tok/s under the NPC schema: shipped default adapter / no adapter",
+        lambda f: f"{f['adapter_tok_s']:.1f} / {f['base_tok_s']:.1f} tok/s", lambda f: f["ratio"], ">= 0.90")
+    return rows
 
 
 if __name__ == "__main__":

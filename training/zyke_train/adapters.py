@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from zyke.paths import data_dir
-from zyke_daemon.adapters import AdapterEntry, AdapterRegistry
+from zyke_daemon.adapters import SHIPPED_ADAPTERS, AdapterEntry, AdapterRegistry
 from zyke_daemon.lora_gguf import export_peft_to_gguf
 
 
 def default_registry(extra: list[Path] | None = None) -> AdapterRegistry:
-    return AdapterRegistry([data_dir() / "adapters", *(extra or [])])
+    return AdapterRegistry([data_dir() / "adapters", *(extra or []), SHIPPED_ADAPTERS])
 
 
 def export_gguf(peft_dir: Path, out: Path | None = None, arch: str = "gemma3") -> Path:

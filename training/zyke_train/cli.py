@@ -126,6 +126,25 @@ def register_cmd(name: str, peft_dir: Path, base: Path | None, arch: str) -> Non
     click.echo(f"registered {entry.name}: rank {entry.rank}, base {entry.base}, targets {', '.join(entry.targets)}")
 
 
+@main.command("ship")
+@click.argument("peft_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--name", default=None, help="Adapter name (default: the daemon's DEFAULT_ADAPTER_NAME, npc-default).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Its `zyke-train evaluate --report` JSON: the table is recorded in the manifest.")
+@click.option("--recipe", default=None, help="The command that reproduces it, recorded in the manifest.")
+def ship_cmd(peft_dir: Path, name: str | None, report_path: Path | None, recipe: str | None) -> None:
+    """Ship an adapter inside the daemon package (zyke_daemon/shipped_adapters), in half precision."""
+    from zyke_daemon.config import DEFAULT_ADAPTER_NAME
+
+    from .ship import load_report, ship
+
+    try:
+        entry = ship(peft_dir, name or DEFAULT_ADAPTER_NAME, recipe=recipe, report=load_report(report_path))
+    except (ValueError, OSError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"shipped {entry.name}: rank {entry.rank}, base {entry.base}, files {', '.join(entry.sha256)}")
+
+
 @main.command("adapters")
 def adapters_cmd() -> None:
     """List the registered adapters."""
@@ -459,9 +478,76 @@ def contribute_cmd(trainer_url: str, num_tasks: int, token: str | None, base: Pa
         raise SystemExit(1)
 
 
+@main.command("converse")
+@click.option("--script", "script_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("training/data/conversations.jsonl"), show_default=True,
+              help="Scripted conversations, one JSON object a line: {id, npc, turns, repeat_ok}.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the full JSON report (every turn, every overlap, the summary) here.")
+@click.option("--url", default=None, help="Daemon URL (default: ZYKE_URL or the running daemon; none: start one).")
+@click.option("--token", default=None, help="Daemon token (default: ZYKE_TOKEN or the daemon's token file).")
+@click.option("--adapter", default=None, help="Adapter for every line (default: whatever the daemon serves).")
+@click.option("--max-tokens", type=click.IntRange(1, 1024), default=60, show_default=True, help="Per reply.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Run only the first N scripts.")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds one reply may take (a busy CPU queues lines; the SDK's 60 s default is too tight).")
+@click.pass_context
+def converse_cmd(ctx: click.Context, script_path: Path, report_path: Path | None, url: str | None,
+                 token: str | None, adapter: str | None, max_tokens: int, limit: int | None, timeout: float) -> None:
+    """Hold scripted conversations with the real daemon and count replies that repeat an earlier one.
+
+    A reply repeats when it shares a word 6-gram with an earlier reply of the same conversation (turns in
+    the script's repeat_ok, where the player asks for a repeat, are not checked). Exit code 0 even when
+    repeats are found (this is a measurement); 2 when the script file is bad or the daemon cannot be reached.
+    """
+    import sys
+
+    from zyke import AuthenticationError, Client, ConnectionLost, DaemonNotRunning, ZykeError
+
+    from . import converse as cv
+
+    try:
+        scripts = cv.load_scripts(script_path)[:limit]
+    except cv.ScriptError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(2)
+    results: list[cv.ConversationResult] = []
+    daemon: dict[str, str] = {}
+    try:
+        # no --url: autostart, so the command works on a machine where no daemon runs yet
+        with Client(url, token, game="converse", timeout=timeout, autostart=url is None) as client:
+            info = client.connect()
+            daemon |= {"version": info.daemon_version, "model": info.model.name, "backend": info.backend,
+                      "url": client.url}
+            click.echo(f"zyke-daemon {info.daemon_version} at {client.url}: {info.model.name} on {info.backend}")
+            with click.progressbar(length=sum(len(s.turns) for s in scripts), label="turns",
+                                   file=sys.stderr) as bar:
+                for script in scripts:
+                    results.append(cv.converse(client, script, max_tokens=max_tokens, adapter=adapter,
+                                               on_turn=lambda: bar.update(1)))
+    except (DaemonNotRunning, ConnectionLost, AuthenticationError) as exc:
+        click.echo(f"error: cannot reach the Zyke daemon ({url or 'autostart'}): {exc}", err=True)
+        ctx.exit(2)
+    except ZykeError as exc:  # e.g. an unknown --adapter: the daemon answered, the request was wrong
+        raise click.ClickException(f"the daemon refused a line: {exc}") from exc
+    click.echo(cv.format_table(results))
+    if report_path is not None:
+        report = cv.build_report(results, script_path=str(script_path), max_tokens=max_tokens,
+                                 requested_adapter=adapter, daemon=daemon)
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        click.echo(f"report: {report_path}")
+
+
 @main.command("evaluate")
-@click.option("--npc", "npc_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="NPC scenarios (dataset rows, e.g. training/data/npc_heldout.jsonl), served by the daemon backend.")
+@click.option("--npc", "npc_files", type=click.Path(dir_okay=False, exists=True, path_type=Path), multiple=True,
+              help="NPC scenarios (dataset rows, e.g. training/data/npc_heldout.jsonl), served by the daemon backend; "
+                   "repeatable (each file is also reported as its own group).")
+@click.option("--seen-data", "seen_files", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              multiple=True, help="Training files: report scenarios with seen and unseen personas and action names "
+                                  "separately; repeatable.")
+@click.option("--score-actions", is_flag=True,
+              help="Also pick each reply's action by the likelihood of every allowed label, to compare with greedy.")
 @click.option("--adapter", "adapters", multiple=True,
               help="Registered adapter name to compare with the base model; repeatable.")
 @click.option("--no-base", is_flag=True, help="Skip the base model (adapters only).")
@@ -478,7 +564,8 @@ def contribute_cmd(trainer_url: str, num_tasks: int, token: str | None, base: Pa
 @click.option("--threads", type=int, default=None, help="CPU threads for the backend.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the full JSON report here.")
-def evaluate_cmd(npc_file: Path | None, adapters: tuple[str, ...], no_base: bool, baseline: Path | None,
+def evaluate_cmd(npc_files: tuple[Path, ...], seen_files: tuple[Path, ...], score_actions: bool,
+                 adapters: tuple[str, ...], no_base: bool, baseline: Path | None,
                  backend: str, model: str | None,
                  max_tokens: int, limit: int | None, ppl_sources: tuple[str, ...], lm_eval_tasks: str | None,
                  threads: int | None, report_path: Path | None) -> None:
@@ -487,23 +574,36 @@ def evaluate_cmd(npc_file: Path | None, adapters: tuple[str, ...], no_base: bool
 
     from . import evaluate as ev
 
-    if not (npc_file or ppl_sources or lm_eval_tasks):
+    if not (npc_files or ppl_sources or lm_eval_tasks):
         raise click.UsageError("nothing to evaluate: give --npc, --perplexity or --lm-eval-tasks")
     names: list[str | None] = ([] if no_base else [None]) + list(adapters)
     npc_names = [n for n in names if n is not None] if baseline else names
     report: dict[str, object] = {"created": ev.timestamp(), "models": [n or "base" for n in names]}
     try:
-        if npc_file is not None:
-            scenarios = ev.load_scenarios(npc_file, limit)
+        if npc_files:
+            scenarios, groups = [], {}
+            for npc_file in npc_files:
+                loaded = ev.load_scenarios(npc_file, limit)
+                scenarios += loaded
+                if len(npc_files) > 1:
+                    groups[f"file:{npc_file.name}"] = {s.id for s in loaded}
+            if seen_files:
+                groups |= ev.seen_groups(scenarios, seen_files)
+            files = ", ".join(map(str, npc_files))
             with click.progressbar(length=len(scenarios) * len(npc_names), label="scenarios",
                                    file=sys.stderr) as bar:
                 npc = ev.run_npc_eval(scenarios, npc_names, backend, model, max_tokens, threads,
-                                      progress=lambda *_: bar.update(1))
+                                      progress=lambda *_: bar.update(1), score_actions=score_actions,
+                                      groups=groups)
             if baseline is not None:
-                npc = ev.merge_baseline(npc, json.loads(baseline.read_text(encoding="utf-8")), str(npc_file))
-            report["npc"] = {"scenarios_file": str(npc_file), **npc}
-            click.echo(f"NPC evaluation: {len(scenarios)} scenarios from {npc_file}, backend {backend}")
+                npc = ev.merge_baseline(npc, json.loads(baseline.read_text(encoding="utf-8")), files)
+            report["npc"] = {"scenarios_file": files, **npc}
+            click.echo(f"NPC evaluation: {len(scenarios)} scenarios from {files}, backend {backend}")
             click.echo(ev.format_table(npc))
+            for group in groups:
+                click.echo(f"\n{group} ({len(groups[group])} scenarios)")
+                click.echo(ev.format_table({"results": {k: v["groups"][group] for k, v in npc["results"].items()
+                                                        if group in v.get("groups", {})}}))
             if report_path is not None:  # written now too, so a slow perplexity run cannot lose these results
                 report_path.parent.mkdir(parents=True, exist_ok=True)
                 report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -73,6 +73,8 @@ class Scenario:
     input: str
     state: dict[str, Any] | None
     expected: dict[str, Any]
+    #: the row's allowed_actions: rendered into the prompt and narrowing decoding, as the daemon does
+    allowed_actions: list[str] | None = None
 
 
 def load_scenarios(path: Path, limit: int | None = None) -> list[Scenario]:
@@ -91,7 +93,7 @@ def load_scenarios(path: Path, limit: int | None = None) -> list[Scenario]:
             raise EvalError(f"{path}:{lineno}: not a valid scenario row: {reason}")
         out.append(Scenario(row["id"], NpcSpec.model_validate(row["npc"]),
                             [Turn.model_validate(t) for t in row.get("history", [])], row["input"],
-                            row.get("state"), row["reply"]))
+                            row.get("state"), row["reply"], row.get("allowed_actions")))
         if limit is not None and len(out) >= limit:
             break
     return out
@@ -140,13 +142,15 @@ def judge(text: str, scenario: Scenario) -> dict[str, Any]:
         reply = json.loads(text)
     except json.JSONDecodeError:
         reply = None
-    valid = reply is not None and not list(validator_for(reply_schema(scenario.npc)).iter_errors(reply))
+    schema = reply_schema(scenario.npc, allowed_actions=scenario.allowed_actions)
+    valid = reply is not None and not list(validator_for(schema).iter_errors(reply))
     out: dict[str, Any] = {"valid": valid, "text": text}
     if not valid:
         return out | {"action_ok": False, "emotion_ok": False}
     say = reply["say"]
     return out | {
         "action_ok": reply["action"] == scenario.expected["action"],
+        "spurious": scenario.expected["action"] == "none" and reply["action"] != "none",
         "emotion_ok": reply["emotion"] == scenario.expected["emotion"],
         "empty_say": not _norm(say),
         "echo": is_echo(say, scenario),
@@ -161,6 +165,7 @@ def summarize(verdicts: Sequence[dict[str, Any]], scenarios: Sequence[Scenario])
     n = len(verdicts)
     valid = [v for v in verdicts if v["valid"]]
     non_none = [v for v, s in zip(verdicts, scenarios, strict=True) if s.expected["action"] != "none"]
+    none_expected = [v for v, s in zip(verdicts, scenarios, strict=True) if s.expected["action"] == "none"]
 
     def rate(items: Sequence[dict[str, Any]], key: str) -> float | None:
         return round(sum(bool(v.get(key)) for v in items) / len(items), 4) if items else None
@@ -174,6 +179,10 @@ def summarize(verdicts: Sequence[dict[str, Any]], scenarios: Sequence[Scenario])
         "validity": rate(verdicts, "valid"),
         "action_accuracy": rate(verdicts, "action_ok"),
         "action_accuracy_non_none": rate(non_none, "action_ok"),
+        "spurious_action_rate": rate(none_expected, "spurious"),
+        **({"action_accuracy_scored": rate(verdicts, "action_ok_scored"),
+            "action_accuracy_non_none_scored": rate(non_none, "action_ok_scored")}
+           if any("action_ok_scored" in v for v in verdicts) else {}),
         "emotion_accuracy": rate(verdicts, "emotion_ok"),
         "empty_say_rate": rate(valid, "empty_say"),
         "echo_rate": rate(valid, "echo"),
@@ -205,8 +214,12 @@ def open_backend(kind: str, model: str | None, threads: int | None, n_ctx: int =
 
 def run_npc_eval(scenarios: Sequence[Scenario], adapters: Sequence[str | None], backend_kind: str = "llama.cpp",
                  model: str | None = None, max_tokens: int = 96, threads: int | None = None,
-                 registry: Any = None, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Every scenario through the backend once per adapter (None = the base model), greedy and constrained."""
+                 registry: Any = None, progress: Callable[[str, int, int], None] | None = None,
+                 score_actions: bool = False, groups: dict[str, set[str]] | None = None) -> dict[str, Any]:
+    """Every scenario through the backend once per adapter (None = the base model), greedy and constrained.
+
+    ``score_actions`` also picks each valid reply's action by likelihood (``scored_action``) to compare
+    with greedy decoding; ``groups`` (name -> scenario ids) adds per-group summaries (seen/unseen)."""
     from zyke.prompt_format import render_prompt, reply_schema
     from zyke_daemon.backends.base import GenerationRequest
     from zyke_daemon.errors import DaemonError
@@ -229,22 +242,72 @@ def run_npc_eval(scenarios: Sequence[Scenario], adapters: Sequence[str | None], 
                 backend.load_adapter(adapter, path)
             verdicts = []
             for i, s in enumerate(scenarios):
-                request = GenerationRequest(prompt=render_prompt(s.npc, s.history, s.input, s.state),
-                                            schema=reply_schema(s.npc), max_tokens=max_tokens, adapter=adapter)
+                request = GenerationRequest(prompt=render_prompt(s.npc, s.history, s.input, s.state,
+                                                                 s.allowed_actions),
+                                            schema=reply_schema(s.npc, allowed_actions=s.allowed_actions),
+                                            max_tokens=max_tokens, adapter=adapter)
                 result = backend.generate(request, lambda _piece: True)
                 verdict = judge(result.text, s) | {"ttft_s": result.ttft_s, "total_s": result.total_s,
                                                    "completion_tokens": result.completion_tokens,
                                                    "finish_reason": result.finish_reason}
+                if score_actions and verdict["valid"]:
+                    scored = scored_action(backend, request.prompt, result.text, s, adapter)
+                    verdict |= {"scored_action": scored, "action_ok_scored": scored == s.expected["action"]}
                 verdicts.append(verdict)
-                per_scenario[i][label] = {k: verdict[k] for k in ("text", "valid", "action_ok", "emotion_ok")}
+                per_scenario[i][label] = {k: verdict[k] for k in ("text", "valid", "action_ok", "emotion_ok",
+                                                                  "scored_action") if k in verdict}
                 if progress:
                     progress(label, i + 1, len(scenarios))
             results[label] = summarize(verdicts, scenarios)
+            if groups:
+                results[label]["groups"] = {
+                    name: summarize([v for v, s in zip(verdicts, scenarios, strict=True) if s.id in ids],
+                                    [s for s in scenarios if s.id in ids])
+                    for name, ids in groups.items() if ids}
     finally:
         backend.close()
     return {"backend": backend_kind, "model": backend_model_name(model), "max_tokens": max_tokens,
-            "decoding": "greedy, reply_schema-constrained, daemon default repeat penalty",
+            "decoding": "greedy, reply_schema-constrained, the daemon's default repeat penalty and no-repeat ban",
             "results": results, "per_scenario": per_scenario}
+
+
+#: Where the action's value starts in a reply as the grammar writes it (``zyke.prompt_format`` separators).
+ACTION_KEY = '"action": "'
+
+
+def scored_action(backend: Any, prompt: str, text: str, scenario: Scenario, adapter: str | None) -> str:
+    """The allowed action with the highest length-normalised log-likelihood after the reply's line and
+    emotion, as decoded: the alternative to letting constrained greedy decoding pick it."""
+    allowed = reply_schema_actions(scenario)
+    prefix = prompt + text[: text.rindex(ACTION_KEY) + len(ACTION_KEY)]
+    scores = backend.score_continuations(prefix, [a + '"' for a in allowed], adapter)
+    return allowed[max(range(len(allowed)), key=scores.__getitem__)]
+
+
+def reply_schema_actions(scenario: Scenario) -> list[str]:
+    from zyke.prompt_format import reply_schema
+
+    return list(reply_schema(scenario.npc, allowed_actions=scenario.allowed_actions)["properties"]["action"]["enum"])
+
+
+def seen_groups(scenarios: Sequence[Scenario], training_files: Sequence[Path]) -> dict[str, set[str]]:
+    """Scenario ids by whether training saw the persona, and whether the expected action's name was seen.
+
+    "Seen" is decided from the training files themselves (persona text and declared action names), so
+    the split is honest whichever files a run trained on."""
+    personas: set[str] = set()
+    actions: set[str] = set()
+    for path in training_files:
+        for text in path.read_text(encoding="utf-8").splitlines():
+            if text.strip():
+                npc = json.loads(text)["npc"]
+                personas.add(npc["persona"])
+                actions.update(a if isinstance(a, str) else a["name"] for a in npc["actions"])
+    return {
+        "seen_persona": {s.id for s in scenarios if s.npc.persona in personas},
+        "unseen_persona": {s.id for s in scenarios if s.npc.persona not in personas},
+        "unseen_action_name": {s.id for s in scenarios if s.expected["action"] not in actions},
+    }
 
 
 def merge_baseline(npc: dict[str, Any], earlier: dict[str, Any], scenarios_file: str) -> dict[str, Any]:
@@ -402,7 +465,8 @@ def format_table(npc_report: dict[str, Any]) -> str:
     """The NPC metrics side by side, one row a metric."""
     results = npc_report["results"]
     labels = list(results)
-    rows = ["validity", "action_accuracy", "action_accuracy_non_none", "emotion_accuracy", "empty_say_rate",
+    rows = ["validity", "action_accuracy", "action_accuracy_non_none", "spurious_action_rate", "emotion_accuracy",
+            "action_accuracy_scored", "action_accuracy_non_none_scored", "empty_say_rate",
             "echo_rate", "off_persona_rate", "say_f1", "mean_say_words", "ttft_s", "tokens_per_s"]
     width = max(len(r) for r in rows)
     cols = [max(12, len(lb)) for lb in labels]

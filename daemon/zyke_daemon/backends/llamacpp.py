@@ -35,7 +35,7 @@ import os
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,9 @@ from .base import ANY_ADAPTER, BatchItem, GenerationRequest, GenerationResult, O
 from .decoding import SequenceDecoder, decode
 
 log = logging.getLogger(__name__)
+# llama-cpp-python prints llama.cpp's log lines whenever its logger's level allows them, and an unset level
+# allows all of them: every KV copy and graph reservation (thousands of debug lines) in the daemon's log.
+logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
 
 
 #: Prompt chunk size and alignment, in tokens (see the module docstring). 32 evaluates prompts as fast as
@@ -424,9 +427,42 @@ class LlamaCppBackend:
         """Logits of a row of the last llama_decode (-1: its last row), a view on llama.cpp's buffer."""
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
 
+    def score_continuations(self, prefix: str, continuations: Sequence[str], adapter: str | None = None) -> list[float]:
+        """Mean log-probability per token of each continuation after ``prefix`` (length-normalised).
+
+        Used to compare choosing an NPC's action by constrained greedy decoding with choosing it by the
+        likelihood of each allowed label (``zyke-train evaluate`` reports both). The prefix is evaluated
+        once into a slot; each continuation is evaluated after it and then cut off again."""
+        self._apply(adapter)
+        base = self.tokenize(prefix)
+        slot, cached = self._take_slot(base, adapter)
+        try:
+            self._prefill(slot, base, cached)
+            first = _log_softmax(self._logits())
+            n = len(slot.tokens)
+            scores = []
+            for text in continuations:
+                tokens = self._model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+                total = float(first[tokens[0]])
+                if len(tokens) > 1:
+                    self._decode([(slot.seq_id, n + i, t, True) for i, t in enumerate(tokens[:-1])])
+                    for i, nxt in enumerate(tokens[1:]):
+                        total += float(_log_softmax(self._logits(i))[nxt])
+                    llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, n, -1)
+                scores.append(total / len(tokens))
+            return scores
+        except BaseException:
+            self._clear(slot)
+            raise
+
     def _token_bytes(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
         return bytes(self._piece[:n]) if n > 0 else b""
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - float(np.max(logits))
+    return shifted - float(np.log(np.exp(shifted).sum()))
 
 
 def _common_prefix(have: list[int], want: list[int], limit: int) -> int:
