@@ -93,6 +93,12 @@ def test_shared_models_mirror_schemas(model: type[BaseModel], ref: str | None) -
     {"v": 1, "type": "npc.define", "id": "x",
      "npc": {"id": "a", "persona": "p", "actions": [{"name": "x", "description": "d", "icon": "i"}],
              "emotions": ["e"]}},
+    # JSON Schema's $ is the end of the text (Python's re also matched before a final newline)
+    {"v": 1, "type": "npc.say", "id": "x", "npc": "brom\n", "input": "hi"},
+    {"v": 1, "type": "hello", "id": "x", "token": "t", "protocol": 1, "game": "tavern\n"},
+    # ids name files: only dots would leave the sessions folder
+    {"v": 1, "type": "npc.say", "id": "x", "npc": "..", "input": "hi"},
+    {"v": 1, "type": "hello", "id": "x", "token": "t", "protocol": 1, "game": "."},
 ])
 def test_schemas_and_models_reject_the_same_bad_frames(bad: dict[str, Any]) -> None:
     assert first_error(f"frames/{bad['type']}", bad) is not None

@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from zyke.protocol import AdapterInfo, ErrorCode
 from zyke.protocol.models import AdapterName
 
 from .config import BASE_ADAPTER
 from .embedded import sha256_file
 from .errors import DaemonError
+from .files import atomic_write_text, move_aside
 from .lora_gguf import export_peft_to_gguf
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,13 @@ class Manifest(BaseModel):
 
 
 class AdapterRegistry:
-    def __init__(self, roots: list[Path]) -> None:
+    def __init__(self, roots: list[Path], on_corrupt: Callable[[Path], None] | None = None) -> None:
         if not roots:
             raise ValueError("at least one adapter root is needed")
         self.roots = [r.expanduser().resolve() for r in roots]
+        #: told about each manifest that does not parse (the server counts them in /metrics)
+        self.on_corrupt = on_corrupt
+        self._reported: set[Path] = set()
 
     @property
     def default_root(self) -> Path:
@@ -166,16 +170,25 @@ class AdapterRegistry:
         if not path.exists():
             return Manifest()
         try:
-            return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
-        except (OSError, ValidationError) as exc:
-            log.error("ignoring unreadable adapter manifest %s: %s", path, exc)
+            return Manifest.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return Manifest()
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON (ValidationError too)
+            # This runs on every npc.say: an error escaping here once took every NPC down. The root's adapters are
+            # unavailable until the manifest is fixed or re-registered; the bad file is kept aside for a human.
+            if path not in self._reported:
+                # the package's own manifest is part of the install, not user data: reported, never moved
+                shipped = root == SHIPPED_ADAPTERS
+                if shipped:
+                    log.error("the shipped adapter manifest %s does not parse: %s", path, str(exc)[:300])
+                if shipped or move_aside(path, exc) is None:
+                    self._reported.add(path)  # e.g. a read-only folder: log it once, not on every request
+                if self.on_corrupt is not None:
+                    self.on_corrupt(path)
             return Manifest()
 
     def _write(self, root: Path, manifest: Manifest) -> None:
-        fd, tmp = tempfile.mkstemp(dir=_mkdir(root), prefix=".manifest.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(manifest.model_dump_json(indent=2))
-        os.replace(tmp, root / MANIFEST)
+        atomic_write_text(_mkdir(root) / MANIFEST, manifest.model_dump_json(indent=2))
 
 
 def _confined(root: Path, rel: str) -> Path | None:

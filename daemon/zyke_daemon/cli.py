@@ -48,6 +48,9 @@ def cli() -> None:
 @click.option("--threads", "n_threads", type=int, help="CPU threads for llama.cpp.")
 @click.option("--allow-origin", "allowed_origins", multiple=True,
               help="A browser Origin allowed to connect (repeatable). Browsers are refused otherwise.")
+@click.option("--allow-host", "allowed_hosts", multiple=True,
+              help="A Host header name the daemon answers besides loopback names (repeatable; '*' for any). "
+                   "Guards /health and /metrics against DNS rebinding.")
 @click.option("--adapter-dir", "adapter_dirs", multiple=True, type=click.Path(file_okay=False),
               help="Another directory with a manifest.json of LoRA adapters (repeatable).")
 @click.option("--default-adapter", "default_adapter",
@@ -58,6 +61,7 @@ def cli() -> None:
 def start(detach: bool, **flags: Any) -> None:
     """Start the daemon (config: flags > ZYKE_* env vars > daemon.toml in the config dir)."""
     flags["allowed_origins"] = flags["allowed_origins"] or None
+    flags["allowed_hosts"] = flags["allowed_hosts"] or None
     flags["adapter_dirs"] = flags["adapter_dirs"] or None
     try:
         config = load_config(flags)

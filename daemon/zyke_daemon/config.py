@@ -41,6 +41,9 @@ class DaemonConfig:
     request_timeout_s: float = 120.0
     max_history: int = 12
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+    #: Host header names answered besides the loopback ones and the bound host ("*": any). A web page that
+    #: rebinds its own name to 127.0.0.1 sends its name as Host, so checking it keeps /health and /metrics local.
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
     adapter_dirs: tuple[str, ...] = field(default_factory=tuple)  # besides <data dir>/adapters
     max_loaded_adapters: int = 8
     #: the adapter NPCs use when neither the game nor the NPC names one; "none" turns it off. Applied only

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hmac
 import itertools
 import json
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -57,7 +59,9 @@ from .config import BASE_ADAPTER, DaemonConfig
 from .errors import DaemonError
 from .reply_stream import ReplyAssembler
 from .sessions import SessionStore
-from .validation import client_frame_types, describe, first_error, validator_for
+from .validation import client_frame_types, clip, describe, first_error, quote, validator_for
+
+log = logging.getLogger(__name__)
 
 #: What this daemon supports beyond the v1 base; a client checks here before using an additive feature an
 #: older v1 daemon would refuse as bad_frame (docs/PROTOCOL.md): "choices" (described actions and emotions),
@@ -65,6 +69,22 @@ from .validation import client_frame_types, describe, first_error, validator_for
 CAPABILITIES = ["stream", "constrained", "cancel", "npc.state", "adapters", "choices", "allowed_actions"]
 DEFAULT_MAX_TOKENS = 96
 _CLIENT_FRAME: TypeAdapter[Any] = TypeAdapter(ClientFrame)
+
+#: How deep a free-form object (``state``, a turn's ``state``, a reply's ``args``) may nest. Game state is a few
+#: levels deep; a few hundred levels broke saving the session (pydantic's serializer has a recursion limit) and,
+#: after a restart, loading it, so the daemon refuses it when it arrives instead.
+MAX_FREEFORM_DEPTH = 32
+#: How large one free-form object may be, as compact JSON: it is rendered into every prompt and saved with every
+#: turn of the history (up to 200), so the frame cap alone would let one NPC's session grow to megabytes.
+MAX_FREEFORM_BYTES = 16 * 1024
+#: How deep a whole frame may nest: the deepest free-form field sits six levels down (npc.state.set's
+#: state/history/turn/reply/args), so this leaves room for it and refuses anything deeper before validation,
+#: which (like repr and pydantic) recurses.
+MAX_FRAME_DEPTH = MAX_FREEFORM_DEPTH + 8
+#: The longest message an error frame carries; the parts that quote the client are clipped shorter still.
+MAX_ERROR_MESSAGE_CHARS = 1000
+#: The only frames answered before hello: everything else is refused before any costly validation.
+_BEFORE_HELLO = frozenset({"hello", "ping"})
 
 
 # --- actions the server carries out ---------------------------------------------------------------
@@ -152,8 +172,14 @@ class DaemonCore:
         allowed = allowed_actions(session.spec, job.frame.allowed_actions, job.request_id)
         while True:
             prompt = render_prompt(session.spec, history, job.frame.input, job.frame.state, allowed)
-            if not history or count_tokens(prompt) <= budget:
+            tokens = count_tokens(prompt)
+            if tokens <= budget:
                 break
+            if not history:  # a typed error, not the backend's "exceeds the context" as internal
+                raise DaemonError(ErrorCode.TOO_LONG,
+                                  f"the prompt (persona, state and input) is {tokens} tokens; {max(budget, 0)} fit "
+                                  f"(context {n_ctx} less max_tokens {max_tokens}): shorten the input or the state",
+                                  job.request_id)
             history.pop(0)
         return GenerationRequest(
             prompt=prompt,
@@ -238,10 +264,16 @@ class ConnectionCore:
         try:
             raw = self._decode(data)
             request_id = _request_id(raw)
+            problem = _scan(raw)
+            if problem:
+                raise DaemonError(ErrorCode.BAD_FRAME, problem, request_id)
             frame = self._validate(raw, request_id)
             return self._route(frame)
         except DaemonError as exc:
             return [Send(error_frame(exc.code, exc.message, exc.request_id or request_id))]
+        except Exception:  # a bug, not the client's fault: answer it and keep the connection (not a 1011)
+            log.exception("connection %s: unexpected error on a frame", self.conn_id)
+            return [Send(error_frame(ErrorCode.INTERNAL, "internal error; see the daemon log", request_id))]
 
     def job_done(self, job: SayJob) -> None:
         self.pending.pop(job.request_id, None)
@@ -262,23 +294,34 @@ class ConnectionCore:
         if size > limit:
             raise DaemonError(ErrorCode.FRAME_TOO_LARGE, f"frame is {size} bytes; the limit is {limit}")
         try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DaemonError(ErrorCode.BAD_JSON, f"frame is not JSON: {exc}") from None
+            raw = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+        except _NonFinite as exc:
+            raise DaemonError(ErrorCode.BAD_FRAME, str(exc)) from None
+        except RecursionError:
+            raise DaemonError(ErrorCode.BAD_FRAME, f"frame nests deeper than {MAX_FRAME_DEPTH} levels") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
+            raise DaemonError(ErrorCode.BAD_JSON, f"frame is not JSON: {clip(str(exc))}") from None
+        return raw
 
     def _validate(self, raw: Any, request_id: str | None) -> Frame:
         if not isinstance(raw, dict):
             raise DaemonError(ErrorCode.BAD_FRAME, "a frame must be a JSON object")
         if raw.get("v") != PROTOCOL_VERSION:
             raise DaemonError(ErrorCode.UNSUPPORTED_VERSION,
-                              f"frame version {raw.get('v')!r} is not supported; "
+                              f"frame version {quote(raw.get('v'))} is not supported; "
                               f"this daemon speaks v{PROTOCOL_VERSION}",
                               request_id)
         kind = raw.get("type")
         if kind not in client_frame_types():
             raise DaemonError(ErrorCode.UNKNOWN_TYPE,
-                              f"unknown frame type {kind!r}; expected one of {', '.join(client_frame_types())}",
+                              f"unknown frame type {quote(kind)}; expected one of {', '.join(client_frame_types())}",
                               request_id)
+        if not self.authenticated and kind not in _BEFORE_HELLO:
+            # before the schema: validating a large frame costs time a stranger must not be able to spend
+            raise DaemonError(ErrorCode.NOT_AUTHENTICATED, "send hello with the daemon's token first", request_id)
+        problem = _freeform_problem(kind, raw)
+        if problem:
+            raise DaemonError(ErrorCode.BAD_FRAME, f"invalid {kind} frame: {problem}", request_id)
         problem = first_error(f"frames/{kind}", raw)
         if problem:
             raise DaemonError(ErrorCode.BAD_FRAME, f"invalid {kind} frame: {problem}", request_id)
@@ -289,7 +332,7 @@ class ConnectionCore:
             if rule is not None:
                 raise DaemonError(ErrorCode.BAD_FRAME, f"invalid {kind} frame: {rule}", request_id) from None
             # the schemas passed it and no model rule refused it, so this is model/schema drift
-            raise DaemonError(ErrorCode.INTERNAL, f"frame passed the schema but not the model: {exc}",
+            raise DaemonError(ErrorCode.INTERNAL, f"frame passed the schema but not the model: {clip(str(exc))}",
                               request_id) from None
 
     # -- routing
@@ -394,7 +437,101 @@ class ConnectionCore:
 
 
 def error_frame(code: ErrorCode, message: str, request_id: str | None) -> dict[str, Any]:
-    return dump_frame(Error(id=request_id, code=code, message=message))
+    """An error frame; the message is capped so an error never costs more to send than a line of text."""
+    return dump_frame(Error(id=request_id, code=code, message=clip(message, MAX_ERROR_MESSAGE_CHARS)))
+
+
+class _NonFinite(ValueError):
+    """NaN or an infinity in a frame: not JSON (RFC 8259), though Python's parser takes them."""
+
+
+def _refuse_constant(name: str) -> float:
+    raise _NonFinite(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise _NonFinite(f"number {clip(text, 40)} is out of range")
+    return value
+
+
+def _scan(raw: Any) -> str | None:
+    """What makes a parsed frame unsafe to go on with, or None: nesting deeper than MAX_FRAME_DEPTH, or a string
+    with a lone UTF-16 surrogate (JSON's ``\\ud800`` escape), which cannot be encoded to send any answer back.
+
+    Iterative, so it never depends on the recursion limit that the frame is being checked against."""
+    stack: list[tuple[Any, int]] = [(raw, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            if depth > MAX_FRAME_DEPTH:
+                return f"frame nests deeper than {MAX_FRAME_DEPTH} levels"
+            for key, item in value.items():
+                if not _encodable(key):
+                    return "frame has a key with a lone UTF-16 surrogate; text must be valid Unicode"
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            if depth > MAX_FRAME_DEPTH:
+                return f"frame nests deeper than {MAX_FRAME_DEPTH} levels"
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str) and not _encodable(value):
+            return "frame has a string with a lone UTF-16 surrogate; text must be valid Unicode"
+    return None
+
+
+def _encodable(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _depth(value: Any) -> int:
+    """How many levels of objects and arrays ``value`` nests (0 for a scalar); iterative."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        else:
+            deepest = max(deepest, depth)
+            continue
+        deepest = max(deepest, depth + 1)
+    return deepest
+
+
+def _freeform_problem(kind: str, raw: dict[str, Any]) -> str | None:
+    """The first free-form field of a client frame that nests or weighs too much, as a message, or None.
+
+    JSON Schema only says these are objects; their depth and size are checked here, before the schema and the
+    models walk them (the frame's overall depth is already bounded by ``_scan``)."""
+    fields: list[tuple[str, Any]] = []
+    if kind == "npc.say":
+        fields.append(("state", raw.get("state")))
+    elif kind == "npc.state.set":
+        state = raw.get("state")
+        history = state.get("history") if isinstance(state, dict) else None
+        for i, turn in enumerate(history if isinstance(history, list) else []):
+            if isinstance(turn, dict):
+                reply = turn.get("reply")
+                fields.append((f"state/history/{i}/state", turn.get("state")))
+                fields.append((f"state/history/{i}/reply/args", reply.get("args") if isinstance(reply, dict) else None))
+    for where, value in fields:
+        if value is None:
+            continue
+        if _depth(value) > MAX_FREEFORM_DEPTH:
+            return f"{where}: nests deeper than {MAX_FREEFORM_DEPTH} levels"
+        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        if size > MAX_FREEFORM_BYTES:
+            return f"{where}: {size} bytes as JSON; the limit is {MAX_FREEFORM_BYTES}"
+    return None
 
 
 def allowed_actions(spec: NpcSpec, requested: list[str] | None, request_id: str | None) -> list[str] | None:
@@ -442,7 +579,8 @@ def _rule_broken(exc: ValidationError, kind: str) -> str | None:
 
 def _request_id(raw: Any) -> str | None:
     rid = raw.get("id") if isinstance(raw, dict) else None
-    return rid if isinstance(rid, str) and 0 < len(rid) <= 64 else None
+    # an id with a lone surrogate could not be sent back, so the error for it carries none
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 64 and _encodable(rid) else None
 
 
 def _merge_options(base: GenerationOptions | None, override: GenerationOptions | None) -> GenerationOptions:

@@ -18,6 +18,8 @@ class Metrics:
         self.errors = Counter("zyke_errors", "Error frames sent, by code", ["code"], registry=self.registry)
         self.queue_depth = Gauge("zyke_queue_depth", "npc.say requests waiting for the model",
                                  registry=self.registry)
+        self.corrupt_files = Counter("zyke_corrupt_files", "Session files and adapter manifests that did not "
+                                     "parse and were moved aside, by kind", ["kind"], registry=self.registry)
         self.connections = Gauge("zyke_connections", "Open WebSocket connections", registry=self.registry)
         self.tokens = Counter("zyke_tokens_generated", "Completion tokens generated", registry=self.registry)
         self.ttft = Histogram("zyke_time_to_first_token_seconds", "Time from start of decoding to the first token",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -93,6 +94,9 @@ class DaemonServer:
         self._started = time.monotonic()
         self._write_runtime = write_runtime_file
         self.port: int | None = None
+        # a file moved aside is worth a look: count it where an operator already watches
+        sessions.on_corrupt = lambda _path: self.metrics.corrupt_files.labels("session").inc()
+        registry.on_corrupt = lambda _path: self.metrics.corrupt_files.labels("manifest").inc()
 
     # -- lifecycle
 
@@ -180,6 +184,10 @@ class DaemonServer:
     # -- HTTP on the same port
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        host = request.headers.get("Host")
+        if host is not None and not host_allowed(host, self.config):
+            return _response(HTTPStatus.FORBIDDEN, b"Host not allowed: this daemon answers loopback names; "
+                             b"add another with --allow-host\n", "text/plain")
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return None
         path = request.path.split("?", 1)[0]
@@ -437,6 +445,33 @@ class _JobRun:
         if outcome.finish_reason != "stop":
             return None  # a cut-off reply is not what the history will hold
         return self.prompt + outcome.text + END_OF_REPLY, job.adapter
+
+
+_WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
+
+
+def host_allowed(header: str, config: DaemonConfig) -> bool:
+    """Whether a request's Host header names this daemon: a loopback name or address, the address it is bound to,
+    any address when bound to all interfaces, or a name in ``allowed_hosts``.
+
+    DNS rebinding points a web page's own name at 127.0.0.1, so the page's requests arrive with ``Host: evil.example``;
+    refusing unknown names keeps /health and /metrics (which need no token) from being read by it. An address
+    literal cannot be rebound, so addresses only need to be reachable."""
+    name = header.strip().lower()
+    if name.startswith("["):  # [::1]:7341
+        name = name[1:name.find("]")] if "]" in name else name[1:]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    name = name.rstrip(".")
+    allowed = {h.strip().lower().rstrip(".") for h in config.allowed_hosts}
+    bound = config.host.strip("[]").lower()
+    if "*" in allowed or (name and name in allowed | {"localhost", bound}):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return address.is_loopback or bound in _WILDCARD_HOSTS
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:

@@ -2,19 +2,22 @@
 
 One JSON file per NPC under ``<data dir>/npcs/<game>/<npc id>.json`` holding exactly the protocol's
 ``NpcState``, so what is on disk is what ``npc.state.get`` exports and ``npc.state.set`` imports.
-Files are written to a temporary name and renamed, so a crash never leaves a torn session.
+Files are written to a temporary name and renamed, so a crash never leaves a torn session. A game or NPC id
+is a file name here, so every path is checked to stay inside the sessions folder, and a file that does not
+parse is moved aside (``files.move_aside``) so the NPC can be defined again.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-from zyke.protocol import NpcSpec, NpcState, Turn
+from zyke.protocol import ErrorCode, NpcSpec, NpcState, Turn
+
+from .errors import DaemonError
+from .files import atomic_write_text, move_aside
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +39,14 @@ class NpcSession:
 class SessionStore:
     """All NPC sessions of one daemon, keyed by (game, npc id)."""
 
-    def __init__(self, root: Path | None, default_max_history: int = 12) -> None:
-        self.root = root
+    def __init__(self, root: Path | None, default_max_history: int = 12,
+                 on_corrupt: Callable[[Path], None] | None = None) -> None:
+        self.root = root.expanduser().resolve() if root is not None else None
         self.default_max_history = default_max_history
+        #: told about each session file that does not parse (the server counts them in /metrics)
+        self.on_corrupt = on_corrupt
         self._sessions: dict[tuple[str, str], NpcSession] = {}
+        self._reported: set[Path] = set()
 
     def get(self, game: str, npc_id: str) -> NpcSession | None:
         key = (game, npc_id)
@@ -88,32 +95,43 @@ class SessionStore:
     # --- persistence ---------------------------------------------------------------------------
 
     def _path(self, game: str, npc_id: str) -> Path | None:
-        return None if self.root is None else self.root / game / f"{npc_id}.json"
+        """``<root>/<game>/<npc id>.json``, refused unless it stays there: the protocol's patterns refuse ids made
+        of dots, and this is the second lock (a game named ``..`` once overwrote the daemon's runtime file)."""
+        if self.root is None:
+            return None
+        path = self.root / game / f"{npc_id}.json"
+        if (game in {"", ".", ".."} or not npc_id.strip(".") or "/" in game + npc_id or "\\" in game + npc_id
+                or not path.resolve().is_relative_to(self.root / game) or path.parent.parent != self.root):
+            raise DaemonError(ErrorCode.BAD_FRAME,
+                              f"game {game[:64]!r} and NPC {npc_id[:64]!r} do not name a session file in the "
+                              "sessions folder")
+        return path
 
     def save(self, game: str, session: NpcSession) -> None:
         path = self._path(game, session.spec.id)
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(session.state().model_dump_json(exclude_none=True))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if path is not None:
+            atomic_write_text(path, session.state().model_dump_json(exclude_none=True))
 
     def _load(self, game: str, npc_id: str) -> NpcSession | None:
         path = self._path(game, npc_id)
-        if path is None or not path.exists():
+        if path is None or not (path.exists() or path.is_symlink()):
             return None
         try:
-            state = NpcState.model_validate_json(path.read_text(encoding="utf-8"))
-        except (OSError, ValidationError) as exc:
-            log.warning("ignoring unreadable session file %s: %s", path, exc)
+            state = NpcState.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8, bad JSON, not an NpcState
+            self._corrupt(path, exc)
             return None
         max_history = state.npc.max_history if state.npc.max_history is not None else self.default_max_history
         return NpcSession(spec=state.npc, history=list(state.history), max_history=max_history)
+
+    def _corrupt(self, path: Path, why: BaseException) -> None:
+        """Move a session file that does not load aside (logged once), so defining the NPC again starts afresh
+        instead of failing on that file for every request."""
+        if path in self._reported:
+            return
+        if move_aside(path, why) is None:
+            self._reported.add(path)  # stays in place: do not log it on every request
+        if self.on_corrupt is not None:
+            self.on_corrupt(path)

@@ -47,6 +47,7 @@ const ERROR_UNKNOWN_ACTION := "unknown_action"
 const ERROR_ADAPTER_REJECTED := "adapter_rejected"
 const ERROR_UNKNOWN_REQUEST := "unknown_request"
 const ERROR_QUEUE_FULL := "queue_full"
+const ERROR_TOO_LONG := "too_long"
 const ERROR_TIMEOUT := "timeout"
 const ERROR_CANCELLED := "cancelled"
 const ERROR_GENERATION_FAILED := "generation_failed"
@@ -98,6 +99,7 @@ const ERROR_CODES := [
 	"adapter_rejected",
 	"unknown_request",
 	"queue_full",
+	"too_long",
 	"timeout",
 	"cancelled",
 	"generation_failed",

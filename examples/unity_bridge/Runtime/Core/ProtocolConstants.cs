@@ -51,6 +51,7 @@ namespace Zyke
             public const string AdapterRejected = @"adapter_rejected";
             public const string UnknownRequest = @"unknown_request";
             public const string QueueFull = @"queue_full";
+            public const string TooLong = @"too_long";
             public const string Timeout = @"timeout";
             public const string Cancelled = @"cancelled";
             public const string GenerationFailed = @"generation_failed";
@@ -67,7 +68,7 @@ namespace Zyke
 
         public static readonly string[] ClientFrameTypes = new string[] { @"hello", @"npc.define", @"npc.say", @"cancel", @"npc.reset", @"npc.state.get", @"npc.state.set", @"adapter.list", @"adapter.load", @"adapter.unload", @"ping" };
         public static readonly string[] ServerFrameTypes = new string[] { @"welcome", @"npc.defined", @"reply.delta", @"reply", @"npc.state", @"adapters", @"pong", @"ok", @"error" };
-        public static readonly string[] AllErrorCodes = new string[] { @"bad_json", @"bad_frame", @"unknown_type", @"unsupported_version", @"frame_too_large", @"not_authenticated", @"unauthorized", @"duplicate_id", @"unknown_npc", @"unknown_adapter", @"unknown_action", @"adapter_rejected", @"unknown_request", @"queue_full", @"timeout", @"cancelled", @"generation_failed", @"model_error", @"internal" };
+        public static readonly string[] AllErrorCodes = new string[] { @"bad_json", @"bad_frame", @"unknown_type", @"unsupported_version", @"frame_too_large", @"not_authenticated", @"unauthorized", @"duplicate_id", @"unknown_npc", @"unknown_adapter", @"unknown_action", @"adapter_rejected", @"unknown_request", @"queue_full", @"too_long", @"timeout", @"cancelled", @"generation_failed", @"model_error", @"internal" };
         public static readonly string[] AllFinishReasons = new string[] { @"stop", @"length" };
     }
 }

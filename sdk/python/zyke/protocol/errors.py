@@ -20,6 +20,7 @@ class ErrorCode(StrEnum):
     ADAPTER_REJECTED = "adapter_rejected"
     UNKNOWN_REQUEST = "unknown_request"
     QUEUE_FULL = "queue_full"
+    TOO_LONG = "too_long"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     GENERATION_FAILED = "generation_failed"

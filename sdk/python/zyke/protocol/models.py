@@ -14,7 +14,22 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from .errors import ErrorCode
 
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-NpcId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+def _not_only_dots(value: str) -> str:
+    """An NPC id or game name is also a file or folder name, and ``.``/``..`` would leave the sessions folder.
+
+    The schemas say the same with ``"not": {"pattern": "^[.]+$"}``; pydantic's regex engine has no
+    look-ahead to put it in the pattern itself.
+    """
+    if not value.strip("."):
+        raise ValueError("an id made only of dots is not allowed")
+    return value
+
+
+#: Patterns use ``$`` as JSON Schema (ECMA-262) reads it, the end of the text: pydantic's Rust regex engine does
+#: too, and the daemon's schema validator is made to (Python's ``re`` would let a trailing newline through).
+NpcId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$"), AfterValidator(_not_only_dots)]
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
 AdapterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
@@ -54,10 +69,13 @@ def _unique_names(items: list[str | Choice]) -> list[str | Choice]:
     JSON Schema's uniqueItems only compares whole items, so this is the one check the schemas cannot
     make; the message names the clashing labels because the daemon sends it back as ``bad_frame``.
     """
-    names = [label_name(i) for i in items]
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for item in items:  # one pass: a quadratic check here once let one frame freeze the daemon
+        name = label_name(item)
+        (repeated if name in seen else seen).add(name)
     if repeated:
-        raise ValueError(f"names must be unique; declared more than once: {', '.join(repeated)}")
+        raise ValueError(f"names must be unique; declared more than once: {', '.join(sorted(repeated))}")
     return items
 
 
@@ -179,7 +197,7 @@ class Hello(Frame):
     id: RequestId
     token: Annotated[str, StringConstraints(max_length=256)]
     protocol: int = Field(ge=1)
-    game: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    game: NpcId | None = None
     client: ClientInfo | None = None
 
 

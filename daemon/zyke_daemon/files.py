@@ -1,0 +1,57 @@
+"""The two file operations the daemon's state depends on: an atomic, fsynced write and moving a bad file aside.
+
+Sessions and adapter manifests share them so both keep the same promises: a crash mid-write never leaves a
+torn file, and a file that does not parse is kept for a human to look at (``<name>.corrupt-<unix time>``)
+instead of taking an NPC, or every request, down with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it and rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every platform)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def move_aside(path: Path, why: object) -> Path | None:
+    """Rename an unreadable file (or a directory squatting on its name) to ``<name>.corrupt-<unix time>``, log it
+    once, and return the new path; None (logged) when even that fails, e.g. on a read-only folder."""
+    reason = str(why)[:300]  # a pydantic error can quote the whole file
+    stamp = int(time.time())
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists() or aside.is_symlink():
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    try:
+        path.rename(aside)
+    except OSError as exc:
+        log.error("%s does not parse (%s) and could not be moved aside: %s", path, reason, exc)
+        return None
+    log.warning("%s does not parse (%s); moved it aside to %s", path, reason, aside.name)
+    return aside
