@@ -91,6 +91,10 @@ NOT_MINE: tuple[str, ...] = (
     "I'm a {title}, not a {other}. Try someone else.",
     "That's not my trade. Ask a {other}.",
     "Do I look like a {other} to you?",
+    "Can't help you there. The {other} in {place} might.",
+    "Not something I do, friend.",
+    "You want a {other} for that, and I'm not one.",
+    "Wrong door. I wouldn't know where to start.",
 )
 #: What each role's provider is called, to fill {other}.
 ROLE_TITLES = {"trade": "merchant", "repair": "smith", "heal": "healer", "rent_room": "innkeeper",
