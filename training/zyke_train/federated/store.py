@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import save
+from zyke_daemon.files import atomic_write_bytes
 
 from .validate import parse_safetensors
 
@@ -116,7 +117,7 @@ class RoundStore:
         """Make ``body`` and its journal line durable; only then is the update part of the round."""
         if record.task_id in self.accepted_ids:
             raise ValueError(f"task {record.task_id} was already accepted")
-        _write_durable(self.updates_dir / f"{record.task_id}.safetensors", body)
+        atomic_write_bytes(self.updates_dir / f"{record.task_id}.safetensors", body)
         line = json.dumps({"event": "accept", **asdict(record)}, sort_keys=True) + "\n"
         with self.journal_path.open("ab") as fh:
             fh.write(line.encode())
@@ -147,7 +148,7 @@ class RoundStore:
     def _secret(self) -> bytes:
         path = self.root / "secret"
         if not path.exists():
-            _write_durable(path, secrets.token_bytes(32))
+            atomic_write_bytes(path, secrets.token_bytes(32))
             os.chmod(path, 0o600)
         return path.read_bytes()
 
@@ -161,7 +162,7 @@ class RoundStore:
         return version
 
     def _switch_current(self, version: int) -> None:
-        _write_durable(self.root / "CURRENT", json.dumps({"version": version}).encode())
+        atomic_write_bytes(self.root / "CURRENT", json.dumps({"version": version}).encode())
 
     def _write_checkpoint(self, version: int, tensors: Mapping[str, np.ndarray], config: dict[str, Any],
                           info: dict[str, Any]) -> None:
@@ -237,21 +238,6 @@ def _write_file_synced(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    """temp file in the same directory + fsync + os.replace + fsync of the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:
