@@ -162,3 +162,40 @@ def test_sdk_keyword_and_schema_agree_on_the_range() -> None:
     assert first_error("frames/npc.say", {**frame, "options": {"no_repeat_ngram": 16}}) is None
     assert first_error("frames/npc.say", {**frame, "options": {"no_repeat_ngram": 17}}) is not None
     assert first_error("frames/npc.say", {**frame, "options": {"no_repeat_ngram": -1}}) is not None
+
+
+# -- the word guard: respelt tokens cannot sneak a repeated run of words past the token ban
+
+
+def test_complete_words_joins_apostrophes_and_leaves_out_an_unfinished_word() -> None:
+    from zyke_daemon.backends.decoding import complete_words
+
+    assert complete_words("The miller's son saw") == ["the", "millers", "son"]
+    assert complete_words("The miller' s son saw ") == ["the", "millers", "son", "saw"]
+    assert complete_words("Don' t leave, friend.") == ["dont", "leave", "friend"]
+
+
+def test_word_guard_catches_respellings_and_allows_short_overlaps() -> None:
+    from zyke_daemon.backends.decoding import SayWordGuard
+
+    guard = SayWordGuard(5, ["The miller's son saw lights in the old tower.", "Watch your tongue or find the door."])
+    # the fifth word of a run from an earlier line, however it is spelt, is refused when it finishes
+    assert guard.repeats("The miller' s son saw", "The miller' s son saw lights ")
+    assert guard.repeats("Watch your tongue, or find", "Watch your tongue, or find the ")
+    # four shared words are fine, and so is an unfinished word (it may still become another word)
+    assert not guard.repeats("The miller' s son", "The miller' s son saw ")
+    assert not guard.repeats("The miller' s son saw", "The miller' s son saw light")
+    assert not guard.repeats("Watch your tongue, or", "Watch your tongue, or leave ")
+    # a line may not loop on itself either
+    own = SayWordGuard(5, [])
+    looped = "one two three four five and one two three four"
+    assert own.repeats(looped, looped + " five ")
+
+
+def test_word_guard_reads_apostrophes_both_ways() -> None:
+    from zyke_daemon.backends.decoding import SayWordGuard, complete_words
+
+    assert complete_words("Don' t go now ", join=False) == ["don", "t", "go", "now"]
+    guard = SayWordGuard(5, ["You may pass then. Don' t leave me alone."])
+    assert guard.repeats("You may pass then. Don t", "You may pass then. Don t leave ")  # "Don t" = "Don' t"
+    assert guard.repeats("may pass then. Dont leave", "may pass then. Dont leave me ")  # "Dont" = "Don' t"

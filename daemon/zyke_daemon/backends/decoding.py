@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
@@ -114,6 +115,55 @@ class SayNgramBan:
         return True
 
 
+#: Words in a run the say line may not share with an earlier line (or repeat within itself).
+NO_REPEAT_WORDS = 5
+#: Candidates the word guard moves past at one step before it lets the best one stand.
+WORD_GUARD_TRIES = 8
+_APOSTROPHES = {True: re.compile(r"['\u2019]\s*"), False: re.compile(r"['\u2019]")}
+_NON_WORD = re.compile(r"[^0-9a-z]+")
+
+
+def complete_words(text: str, join: bool = True) -> list[str]:
+    """The finished words of a line, normalised so that respellings count as the same words: lower case,
+    apostrophes dropped, punctuation ignored; with ``join`` a space after an apostrophe goes too ("Don' t"
+    and "don't" are both "dont"; without it "Don' t" and "Don t" are both "don t"). A last word that the
+    text has not ended yet is left out."""
+    flat = _APOSTROPHES[join].sub("", text.lower())
+    words = [w for w in _NON_WORD.split(flat) if w]
+    if words and flat and _NON_WORD.fullmatch(flat[-1]) is None:
+        words.pop()
+    return words
+
+
+class SayWordGuard:
+    """The no-repeat rule on words, next to ``SayNgramBan`` on tokens.
+
+    A token ban is blind to respelling: banned from ``miller``, ``'s``, the model wrote ``miller``, ``'``,
+    ``s`` and said the same line again (measured with ``zyke-train converse``). So at each step inside the
+    say string, the picked token is checked: if it finishes a word that completes an ``n``-word run of an
+    earlier say line (or of this line so far), it is set aside and the next best allowed token is taken,
+    up to ``WORD_GUARD_TRIES`` times. It only looks at the chosen tokens, so it is the same on every path.
+    """
+
+    def __init__(self, n: int, history: Iterable[str]) -> None:
+        self.n = n
+        says = list(history)
+        #: the earlier lines' runs under both apostrophe readings, so no respelling of them passes
+        self.seen = {join: {tuple(ws[i:i + n]) for say in says for ws in [complete_words(say, join)]
+                            for i in range(len(ws) - n + 1)} for join in (True, False)}
+
+    def repeats(self, before: str, after: str) -> bool:
+        """Whether going from ``before`` to ``after`` finishes a word that completes a banned run."""
+        return any(self._repeats(before, after, join) for join in (True, False))
+
+    def _repeats(self, before: str, after: str, join: bool) -> bool:
+        old, new = complete_words(before, join), complete_words(after, join)
+        if len(new) <= len(old) or len(new) < self.n:
+            return False
+        banned = self.seen[join] | {tuple(old[i:i + self.n]) for i in range(len(old) - self.n + 1)}
+        return any(tuple(new[end - self.n:end]) in banned for end in range(max(len(old) + 1, self.n), len(new) + 1))
+
+
 class SayScanner:
     """Where the reply's text stands relative to its say string, fed the decoded text piece by piece:
     ``inside`` from just after ``SAY_OPENING`` until the string's closing (unescaped) quote. A reply
@@ -167,9 +217,11 @@ class SequenceDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._say = SayScanner()
         self._ban: SayNgramBan | None = None
+        self._guard: SayWordGuard | None = None
         if request.no_repeat_ngram > 0:
             self._ban = SayNgramBan(request.no_repeat_ngram,
                                     [say_token_ids(tokenizer, say) for say in request.history_says])
+            self._guard = SayWordGuard(NO_REPEAT_WORDS, request.history_says)
         self.generated: list[int] = []
         self._text: list[str] = []
         self._ttft = 0.0
@@ -199,6 +251,8 @@ class SequenceDecoder:
         if self.request.repeat_penalty != 1.0 and self.generated:
             logits = penalize_repeats(logits, self.generated, self.request.repeat_penalty)
         token = pick(logits, self._bitmask, self._n_vocab, self.request, self._rng)
+        if self._guard is not None and self._say.inside:
+            token = self._guarded(token, logits)
         if not self.generated:
             self._ttft = time.perf_counter() - self._started
         if self._stop_if(token in self._eos, "stop"):
@@ -223,6 +277,23 @@ class SequenceDecoder:
                                 prompt_tokens=self._prompt_tokens, completion_tokens=len(self.generated),
                                 cached_tokens=self._cached_tokens, ttft_s=self._ttft,
                                 total_s=time.perf_counter() - self._started, tokens=list(self.generated))
+
+    def _guarded(self, token: int, logits: np.ndarray) -> int:
+        """``token``, or the next best allowed one when it would finish a repeated run of words."""
+        assert self._guard is not None
+        before = "".join(self._text)[len(SAY_OPENING):]
+        mask: np.ndarray | None = None
+        for _ in range(WORD_GUARD_TRIES):
+            after = before + self._token_bytes(token).decode("utf-8", errors="ignore")
+            if not self._guard.repeats(before, after):
+                return token
+            if mask is None:
+                mask = self._bitmask.copy()
+            mask.view(np.uint32)[token >> 5] &= ~np.uint32(1 << (token & 31))
+            if not mask.any():
+                return token
+            token = pick(logits, mask, self._n_vocab, self.request, self._rng)
+        return token
 
     def _stop_if(self, condition: bool, reason: FinishReason) -> bool:
         if condition:
