@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
-from zyke.prompt_format import render_prompt, reply_schema
+from zyke.prompt_format import allowed_action_names, render_prompt, reply_schema
 from zyke.protocol import (
     PROTOCOL_VERSION,
     AdapterInfo,
@@ -203,7 +203,7 @@ class DaemonCore:
         defaults = spec.defaults
         allowed = allowed_actions(spec, job.frame.allowed_actions, job.request_id)
         return ReplyAssembler(
-            spec.emotion_names, _narrowed(spec, allowed),
+            spec.emotion_names, allowed_action_names(spec, allowed),
             defaults.emotion if defaults else None, defaults.action if defaults else None,
             job.options.stop,
         )
@@ -550,11 +550,6 @@ def allowed_actions(spec: NpcSpec, requested: list[str] | None, request_id: str 
                           f"allowed_actions names actions NPC {spec.id!r} did not declare: {', '.join(unknown)} "
                           f"(declared: {', '.join(declared)})", request_id)
     return list(requested)
-
-
-def _narrowed(spec: NpcSpec, allowed: list[str] | None) -> list[str]:
-    """The declared actions a turn may use, in declaration order (the order the reply schema's enum has)."""
-    return spec.action_names if allowed is None else [a for a in spec.action_names if a in allowed]
 
 
 def _unknown_npc(npc: str, request_id: str) -> DaemonError:

@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE))
 from engine import lines as L  # noqa: E402
 from engine.cards import HELDOUT_CARDS, NAMES_HELDOUT, NAMES_TRAIN, TEMPERS, TRAIN_CARDS, Card  # noqa: E402
 from engine.vocab import ACTION_ROLES, EMOTION_FALLBACK, EMOTION_ROLES, HELDOUT_ACTION_NAMES  # noqa: E402
+from make_dataset import to_jsonl  # noqa: E402  (the hand-written rows' writer: one JSONL format for both)
 
 SEED = 20261130
 TRAIN_FILE = "npc_generated_train.jsonl"
@@ -376,10 +377,6 @@ def stats(train: list[Row], heldout: list[Row]) -> dict[str, Any]:
                 "situations": dict(Counter(t for r in rows for t in r["tags"]).most_common()),
                 "distinct_action_names": len(_action_names(rows))}
     return {"seed": SEED, "train": count(train), "heldout": count(heldout)}
-
-
-def to_jsonl(rows: list[Row]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def main(argv: list[str] | None = None) -> int:

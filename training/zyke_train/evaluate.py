@@ -278,16 +278,12 @@ ACTION_KEY = '"action": "'
 def scored_action(backend: Any, prompt: str, text: str, scenario: Scenario, adapter: str | None) -> str:
     """The allowed action with the highest length-normalised log-likelihood after the reply's line and
     emotion, as decoded: the alternative to letting constrained greedy decoding pick it."""
-    allowed = reply_schema_actions(scenario)
+    from zyke.prompt_format import allowed_action_names
+
+    allowed = allowed_action_names(scenario.npc, scenario.allowed_actions)
     prefix = prompt + text[: text.rindex(ACTION_KEY) + len(ACTION_KEY)]
     scores = backend.score_continuations(prefix, [a + '"' for a in allowed], adapter)
     return allowed[max(range(len(allowed)), key=scores.__getitem__)]
-
-
-def reply_schema_actions(scenario: Scenario) -> list[str]:
-    from zyke.prompt_format import reply_schema
-
-    return list(reply_schema(scenario.npc, allowed_actions=scenario.allowed_actions)["properties"]["action"]["enum"])
 
 
 def seen_groups(scenarios: Sequence[Scenario], training_files: Sequence[Path]) -> dict[str, set[str]]:

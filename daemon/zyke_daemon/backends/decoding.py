@@ -160,8 +160,10 @@ class SayWordGuard:
         old, new = complete_words(before, join), complete_words(after, join)
         if len(new) <= len(old) or len(new) < self.n:
             return False
-        banned = self.seen[join] | {tuple(old[i:i + self.n]) for i in range(len(old) - self.n + 1)}
-        return any(tuple(new[end - self.n:end]) in banned for end in range(max(len(old) + 1, self.n), len(new) + 1))
+        seen = self.seen[join]  # not copied: this runs at every step of the say line
+        own = {tuple(old[i:i + self.n]) for i in range(len(old) - self.n + 1)}
+        return any(gram in seen or gram in own
+                   for gram in (tuple(new[end - self.n:end]) for end in range(max(len(old) + 1, self.n), len(new) + 1)))
 
 
 class SayScanner:

@@ -121,6 +121,15 @@ def render_example(
     return prompt, render_reply(reply) + END_OF_REPLY
 
 
+def allowed_action_names(npc: NpcSpec, allowed_actions: Sequence[str] | None = None) -> list[str]:
+    """The actions one turn may use: the NPC's declared ones, narrowed to ``allowed_actions`` when given,
+    in declaration order (the order of the reply schema's enum and of the daemon's fallback choice)."""
+    if not allowed_actions:
+        return npc.action_names
+    allowed = set(allowed_actions)
+    return [a for a in npc.action_names if a in allowed]
+
+
 def reply_schema(
     npc: NpcSpec, max_say_chars: int = MAX_SAY_CHARS, allowed_actions: Sequence[str] | None = None
 ) -> dict[str, Any]:
@@ -131,10 +140,6 @@ def reply_schema(
     ``render_reply`` writes the same three keys, so training teaches exactly what decoding allows.
     ``allowed_actions`` narrows the action enum for one turn (kept in the NPC's declaration order).
     """
-    actions = npc.action_names
-    if allowed_actions:
-        allowed = set(allowed_actions)
-        actions = [a for a in actions if a in allowed]
     return {
         "type": "object",
         "additionalProperties": False,
@@ -142,7 +147,7 @@ def reply_schema(
         "properties": {
             "say": {"type": "string", "maxLength": max_say_chars},
             "emotion": {"enum": npc.emotion_names},
-            "action": {"enum": actions},
+            "action": {"enum": allowed_action_names(npc, allowed_actions)},
         },
     }
 
