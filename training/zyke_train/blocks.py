@@ -11,11 +11,18 @@ concatenated, then cut every ``block_size`` tokens. A "document" is a run of con
 ``group`` (paragraphs of one book or file, which ``prepare`` split only to filter and deduplicate them);
 its rows are joined with a blank line, so a book reads as a book again. The last partial block is dropped
 and its size reported.
+
+The manifest also carries what a trainer needs to hand blocks out and what a reader needs to trust them:
+``steps_per_block`` (optimizer steps a worker spends on one block), ``env_id`` and ``npc_type`` (which game
+and which kind of NPC the text is for, so a shared trainer can keep one game's lore out of another's
+adapter). ``read_block_shards`` is the reader ``zyke-train train`` uses: it checks every shard's sha256 and
+the tokenizer before a single id is trained on.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,8 @@ from zyke_daemon.embedded import sha256_file
 MANIFEST = "manifest.json"
 TENSOR = "input_ids"
 TOKENIZE_BATCH = 256
+#: What --env-id and --npc-type may be (they end up in file names and task descriptions).
+LABEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class BlocksError(Exception):
@@ -76,13 +85,17 @@ def _batches(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[st
 
 
 def make_blocks(prepared: Path, out: Path, tokenizer: str | None = None, block_size: int = 512,
-                blocks_per_shard: int = 4096, bos: bool = True, progress: bool = True) -> dict[str, Any]:
+                blocks_per_shard: int = 4096, bos: bool = True, progress: bool = True, steps_per_block: int = 1,
+                env_id: str | None = None, npc_type: str | None = None) -> dict[str, Any]:
     """Tokenize, pack and write the shards + ``manifest.json`` into ``out``; return the manifest."""
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
-    if block_size < 2 or blocks_per_shard < 1:
-        raise BlocksError("--block-size must be >= 2 and --blocks-per-shard >= 1")
+    if block_size < 2 or blocks_per_shard < 1 or steps_per_block < 1:
+        raise BlocksError("--seq-len must be >= 2, --blocks-per-shard and --steps-per-block >= 1")
+    for flag, value in (("--env-id", env_id), ("--npc-type", npc_type)):
+        if value is not None and not LABEL.fullmatch(value):
+            raise BlocksError(f"{flag} {value!r}: use 1-64 letters, digits, '_', '-' or '.'")
     tok, tok_name = load_tokenizer(tokenizer)
     eos = tok.eos_token_id
     if eos is None:
@@ -146,6 +159,9 @@ def make_blocks(prepared: Path, out: Path, tokenizer: str | None = None, block_s
         "bos_token_id": bos_id,
         "eos_token_id": eos,
         "block_size": block_size,
+        "steps_per_block": steps_per_block,
+        "env_id": env_id,
+        "npc_type": npc_type,
         "dtype": "int32",
         "tensor": TENSOR,
         "blocks": sum(s["blocks"] for s in shards),
@@ -158,3 +174,49 @@ def make_blocks(prepared: Path, out: Path, tokenizer: str | None = None, block_s
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def read_block_shards(path: Path, vocab_size: int | None = None, eos_token_id: int | None = None
+                      ) -> list[tuple[str, int, np.ndarray]]:
+    """``(shard name, first global block index, int32 [n, block_size] array)`` for a blocks folder (every
+    shard of its manifest, sha256-checked) or for one shard file (its own metadata only).
+
+    With ``vocab_size``/``eos_token_id`` the blocks must come from a tokenizer with that vocabulary and EOS:
+    a mismatch raises, because ids from another tokenizer are valid integers that mean something else."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if path.is_dir():
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise BlocksError(f"{path} has no {MANIFEST}: not a zyke-train blocks folder")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            entries = [(path / s["file"], s["sha256"], int(s["first_block"])) for s in manifest["shards"]]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise BlocksError(f"{manifest_path}: not a blocks manifest ({exc})") from exc
+        if vocab_size is not None and manifest.get("vocab_size") != vocab_size:
+            raise BlocksError(f"{path}: blocks were tokenized with {manifest.get('tokenizer')} "
+                              f"(vocabulary {manifest.get('vocab_size')}), this model's has {vocab_size}")
+        if eos_token_id is not None and manifest.get("eos_token_id") not in (None, eos_token_id):
+            raise BlocksError(f"{path}: blocks use EOS id {manifest.get('eos_token_id')}, this tokenizer "
+                              f"{eos_token_id}")
+    else:
+        entries = [(path, None, 0)]
+    out = []
+    for file, sha, first in entries:
+        if not file.is_file():
+            raise BlocksError(f"block shard {file} is missing")
+        if sha is not None and sha256_file(file) != sha:
+            raise BlocksError(f"block shard {file} does not match the sha256 in its manifest")
+        try:
+            array = load_file(str(file))[TENSOR]
+        except (SafetensorError, KeyError, OSError) as exc:
+            raise BlocksError(f"{file}: not a block shard ({exc})") from exc
+        if array.ndim != 2 or array.dtype != np.int32:
+            raise BlocksError(f"{file}: {TENSOR} must be int32 [blocks, block_size], got {array.dtype} "
+                              f"{list(array.shape)}")
+        if vocab_size is not None and array.size and (array.min() < 0 or array.max() >= vocab_size):
+            raise BlocksError(f"{file}: token ids outside this model's vocabulary of {vocab_size}")
+        out.append((file.name, first, array))
+    return out

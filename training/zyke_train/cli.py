@@ -217,8 +217,10 @@ def _parse_shares(values: tuple[str, ...] | list[str]) -> dict[str, float]:
 @main.command("train")
 @click.option("--config", type=click.Path(dir_okay=False, exists=True, path_type=Path), is_eager=True,
               expose_value=False, callback=_load_yaml_config, help="YAML file of options (flags win over it).")
-@click.option("--data", "data", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Training JSONL: dataset rows or rendered {prompt, completion}; repeatable.")
+@click.option("--data", "data", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Training data, repeatable and mixable: JSONL of NPC dataset rows or rendered {prompt, completion} "
+                   "(completion-only loss), JSONL of {\"text\": ...} rows or a `zyke-train blocks` folder "
+                   "(loss on every token).")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Checkpoints, the final adapter (OUTPUT_DIR/adapter) and train_log.json go here.")
 @click.option("--model", default=None, help="HF model name or checkpoint dir (default: the embedded Gemma 3 270M).")
@@ -277,6 +279,70 @@ def train_cmd(data: tuple[Path, ...], output_dir: Path, adapter_name: str | None
         raise click.ClickException(str(exc)) from exc
 
 
+@main.command("rl")
+@click.option("--data", "data", multiple=True, required=True,
+              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Prompts: NPC dataset rows of the TRAINING split (their action is the label) and/or reward rows "
+                   "from `zyke-train blocks --experience`; repeatable.")
+@click.option("--adapter", "adapter", default="npc-default", show_default=True,
+              help="Starting adapter: a PEFT folder or a registered name (copied; the source is never written).")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="OUTPUT_DIR/adapter (the result), OUTPUT_DIR/start (the copy it started from), rl_log.json.")
+@click.option("--model", default=None, help="Base model the adapter belongs to (default: the embedded Gemma 3 270M).")
+@click.option("--max-steps", type=click.IntRange(1), default=20, show_default=True, help="GRPO optimizer steps.")
+@click.option("--num-generations", type=click.IntRange(2), default=4, show_default=True,
+              help="Samples per prompt that GRPO compares.")
+@click.option("--max-completion-length", type=click.IntRange(8), default=64, show_default=True,
+              help="Tokens per sample (generation also stops at the end of the reply line).")
+@click.option("--prompts-per-step", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--lr", type=float, default=2e-5, show_default=True)
+@click.option("--beta", type=float, default=0.04, show_default=True,
+              help="KL coefficient towards the starting adapter (0: no anchor).")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N rows.")
+@click.option("--reward-weights", default=None, metavar="TERM=W,...",
+              help="Override reward term weights (validity, action, feedback, repetition, length).")
+@click.option("--min-say-chars", type=click.IntRange(0), default=2, show_default=True,
+              help="Length band of `say` (the length term is 0 inside it).")
+@click.option("--max-say-chars", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--adapter-name", default=None, help="Register the result for the daemon under this name.")
+def rl_cmd(data: tuple[Path, ...], adapter: str, output_dir: Path, reward_weights: str | None,
+           adapter_name: str | None, **options: object) -> None:
+    """Improve a LoRA adapter from rewards with TRL's GRPO (KL-anchored to the starting adapter)."""
+    from dataclasses import fields, replace
+
+    from .rewards import RewardWeights
+    from .rl import RlConfig, RlError, rl
+    from .train import TrainError, register_adapter
+
+    weights = RewardWeights()
+    if reward_weights:
+        names = {f.name for f in fields(RewardWeights)}
+        updates: dict[str, float] = {}
+        for item in reward_weights.split(","):
+            key, sep, value = item.partition("=")
+            try:
+                if not sep or key.strip() not in names:
+                    raise ValueError
+                updates[key.strip()] = float(value)
+            except ValueError:
+                raise click.BadParameter(f"expected TERM=W with TERM one of {', '.join(sorted(names))}, got "
+                                         f"{item!r}", param_hint="--reward-weights") from None
+        weights = replace(weights, **updates)
+    config = RlConfig(data=[str(p) for p in data], output_dir=str(output_dir), adapter=adapter, weights=weights,
+                      **options)  # type: ignore[arg-type]
+    try:
+        result = rl(config, on_log=click.echo)
+        click.echo(f"rl: {result.steps} steps in {result.seconds:.0f} s; adapter: {result.adapter_dir}")
+        if adapter_name:
+            entry = register_adapter(adapter_name, result.adapter_dir, config.model)
+            click.echo(f"registered {entry.name} (base {entry.base}): the daemon serves it by name")
+    except (RlError, TrainError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 # -- data preparation: prepare, blocks, publish (logic in prepare.py, blocks.py, publish.py)
 
 
@@ -329,23 +395,52 @@ def prepare_cmd(ctx: click.Context, hub: tuple[str, ...], local: tuple[str, ...]
 
 
 @main.command("blocks")
-@click.argument("prepared", type=click.Path(exists=True, path_type=Path))
+@click.argument("prepared", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder: blocks-NNNNN.safetensors + manifest.json.")
+              help="Output folder: blocks-NNNNN.safetensors + manifest.json (and npc_rows.jsonl, reward_rows.jsonl "
+                   "with --experience).")
 @click.option("--tokenizer", default=None, help="Tokenizer or checkpoint folder (default: the embedded model's).")
-@click.option("--block-size", type=int, default=512, show_default=True, help="Tokens per block.")
+@click.option("--seq-len", "--block-size", "block_size", type=int, default=512, show_default=True,
+              help="Tokens per block.")
 @click.option("--blocks-per-shard", type=int, default=4096, show_default=True)
+@click.option("--steps-per-block", type=int, default=1, show_default=True,
+              help="Optimizer steps a worker spends on one block (recorded in the manifest for the trainer).")
+@click.option("--env-id", default=None, help="The game (environment) the text is for, recorded in the manifest.")
+@click.option("--npc-type", default=None, help="The kind of NPC the text is for, recorded in the manifest.")
 @click.option("--no-bos", is_flag=True, help="Do not start each document with BOS.")
+@click.option("--experience", "experience", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Recorded experience JSONL (docs/EXPERIENCE.md): write NPC rows and reward rows; repeatable.")
+@click.option("--min-reward", type=float, default=0.5, show_default=True,
+              help="An unlabelled experience record becomes an NPC row from this mean reward up.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def blocks_cmd(ctx: click.Context, prepared: Path, out: Path, tokenizer: str | None, block_size: int,
-               blocks_per_shard: int, no_bos: bool, quiet: bool) -> None:
-    """Tokenize a prepared corpus into fixed-length int32 blocks (safetensors shards + manifest)."""
+def blocks_cmd(ctx: click.Context, prepared: Path | None, out: Path, tokenizer: str | None, block_size: int,
+               blocks_per_shard: int, steps_per_block: int, env_id: str | None, npc_type: str | None, no_bos: bool,
+               experience: tuple[Path, ...], min_reward: float, quiet: bool) -> None:
+    """Tokenize a prepared corpus into fixed-length int32 blocks (safetensors shards + manifest), and/or turn
+    recorded experience into NPC training rows and reward rows (--experience)."""
     from .blocks import BlocksError, make_blocks
 
+    if prepared is None and not experience:
+        raise click.UsageError("give a PREPARED corpus, --experience FILE, or both")
+    if experience:
+        from .experience import ExperienceError, convert
+
+        try:
+            report = convert(experience, out, min_reward)
+        except ExperienceError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        c = report["counts"]
+        click.echo(f"experience: {c['records']} records ({c['labelled']} labelled, {c['skipped_lines']} lines "
+                   f"skipped) -> {c['npc_rows']} NPC rows in {out / 'npc_rows.jsonl'}, {c['reward_rows']} reward "
+                   f"rows in {out / 'reward_rows.jsonl'}")
+        if prepared is None:
+            return
     try:
         manifest = make_blocks(prepared, out, tokenizer, block_size, blocks_per_shard, bos=not no_bos,
-                               progress=not quiet)
+                               progress=not quiet, steps_per_block=steps_per_block, env_id=env_id,
+                               npc_type=npc_type)
     except BlocksError as exc:
         click.echo(f"error: {exc}", err=True)
         ctx.exit(2)

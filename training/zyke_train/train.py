@@ -9,6 +9,9 @@ specific, and each is easier to get right in plain code than through trainer cal
   ``max completion + 1`` logits only (``logits_to_keep``); labels are -100 on the prompt and padding.
   The loss is the sum over completion tokens divided by the completion tokens of the whole optimizer step,
   so gradient accumulation gives the same update as one big batch.
+- **Text and blocks too.** ``{"text": ...}`` rows (a prepared corpus: a game's lore and scripts) and
+  ``zyke-train blocks`` folders train with loss on every token (continued pretraining), in the same run
+  and the same batches as NPC rows: each is a ``Tokenized`` whose "prompt" is its first token only.
 - **Training sees exactly what serving sees.** Rows are rendered only by ``zyke.prompt_format`` (through
   ``npc_data``), and the prompt and completion are tokenized separately, the way the daemon tokenizes the
   prompt and then generates the reply token by token. Over-long prompts lose their oldest tokens (after
@@ -115,6 +118,122 @@ class TrainResult:
 
 
 # -- data
+
+
+@dataclass
+class TrainingData:
+    """What ``--data`` named, by kind: NPC examples get completion-only loss, text rows and blocks get
+    full-sequence (causal LM) loss. One run may mix them; each becomes ``Tokenized`` items of one list."""
+
+    #: ``(id, prompt, completion)``: dataset rows rendered via ``npc_data``, or rendered JSONL.
+    examples: list[tuple[str, str, str]] = field(default_factory=list)
+    #: ``(id, text)`` from ``{"text": ...}`` rows (``zyke-train prepare`` output, lore, scripts).
+    texts: list[tuple[str, str]] = field(default_factory=list)
+    #: ``zyke-train blocks`` output folders, or single ``blocks-*.safetensors`` shards.
+    blocks: list[Path] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.examples or self.texts or self.blocks)
+
+
+def load_training_data(paths: Sequence[Path]) -> TrainingData:
+    """Sort ``--data`` by kind: a folder or ``.safetensors`` file is blocks, a JSONL file is judged by its
+    first non-empty line (``npc`` key: dataset rows; ``prompt``: rendered examples; ``text``: text rows)."""
+    data = TrainingData()
+    jsonl: list[Path] = []
+    for path in paths:
+        if path.is_dir() or path.suffix == ".safetensors":
+            data.blocks.append(path)
+            continue
+        first = _first_row(path)
+        if isinstance(first, dict) and "text" in first and "prompt" not in first and "npc" not in first:
+            data.texts.extend(_text_rows(path))
+        elif first is not None:
+            jsonl.append(path)
+    if jsonl:
+        data.examples = load_examples(jsonl)
+    if not data:
+        raise TrainError("no training examples in " + ", ".join(map(str, paths)))
+    return data
+
+
+def _first_row(path: Path) -> Any:
+    from . import npc_data
+
+    try:
+        lines = npc_data.read_lines(path)
+    except npc_data.InputError as exc:
+        raise TrainError(str(exc)) from exc
+    first = next((ln for ln in lines if ln.strip()), None)
+    if first is None:
+        return None
+    try:
+        return json.loads(first)
+    except json.JSONDecodeError as exc:
+        raise TrainError(f"{path}: first line is not JSON ({exc.msg})") from exc
+
+
+def _text_rows(path: Path) -> list[tuple[str, str]]:
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text = row["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise TrainError(f"{path}:{lineno}: expected a {{\"text\": ...}} row like the first one ({exc})") from exc
+        if not isinstance(text, str):
+            raise TrainError(f"{path}:{lineno}: \"text\" must be a string")
+        if text.strip():
+            out.append((str(row.get("id", f"{path.name}:{lineno}")), text))
+    return out
+
+
+def sequence_windows(ids: Sequence[int], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Cut one token sequence into ``(prompt, completion)`` windows of at most ``max_length`` tokens for
+    full-sequence loss: each window's first token is its one-token "prompt" (nothing predicts it) and the
+    rest is completion. Windows overlap by that one token, so every token but the sequence's very first
+    (BOS, for text rows) is a loss target exactly once, however the sequence is cut."""
+    if len(ids) < 2:
+        return []
+    step = max(1, max_length - 1)
+    return [(list(ids[start:start + 1]), list(ids[start + 1:start + 1 + step]))
+            for start in range(0, len(ids) - 1, step)]
+
+
+def tokenize_texts(tokenizer: Any, texts: Sequence[tuple[str, str]], max_length: int) -> list[Tokenized]:
+    """Text rows as ``BOS text EOS`` (the way ``zyke-train blocks`` frames a document) in loss windows."""
+    out: list[Tokenized] = []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for text_id, text in texts:
+        ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+        windows = sequence_windows(ids, max_length)
+        out.extend(Tokenized(text_id if len(windows) == 1 else f"{text_id}#{i}", p, c)
+                   for i, (p, c) in enumerate(windows))
+    return out
+
+
+def load_block_items(path: Path, tokenizer: Any, max_length: int) -> list[Tokenized]:
+    """Every block of a ``zyke-train blocks`` folder (or one shard) as full-sequence loss windows.
+
+    A folder's shards are checked against the sha256 its manifest records, and its tokenizer against the
+    model's (same vocabulary size and EOS id): blocks are token ids, and ids from another tokenizer would
+    train silently on garbage."""
+    from .blocks import BlocksError, read_block_shards
+
+    try:
+        shards = read_block_shards(path, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    except BlocksError as exc:
+        raise TrainError(str(exc)) from exc
+    out: list[Tokenized] = []
+    for name, first, array in shards:
+        for row in range(array.shape[0]):
+            windows = sequence_windows(array[row].tolist(), max_length)
+            out.extend(Tokenized(f"{name}:{first + row}" + (f"#{i}" if len(windows) > 1 else ""), p, c)
+                       for i, (p, c) in enumerate(windows))
+    return out
 
 
 def load_examples(paths: Sequence[Path]) -> list[tuple[str, str, str]]:
@@ -506,9 +625,15 @@ def train(config: TrainConfig, on_log: Callable[[str], None] = print) -> TrainRe
 
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    examples = load_examples([Path(p) for p in config.data])
+    data = load_training_data([Path(p) for p in config.data])
     tokenizer, model = load_model(config, accelerator.device.type)
-    items, truncated = tokenize_examples(tokenizer, examples, config.max_length, config.decision_weight)
+    items, truncated = tokenize_examples(tokenizer, data.examples, config.max_length, config.decision_weight)
+    items += tokenize_texts(tokenizer, data.texts, config.max_length)
+    for blocks in data.blocks:
+        items += load_block_items(blocks, tokenizer, config.max_length)
+    if len(items) > len(data.examples):
+        on_log(f"{len(data.examples)} NPC examples (completion-only loss) and {len(items) - len(data.examples)} "
+               "text/block windows (loss on every token)")
     if truncated:
         on_log(f"{truncated} of {len(items)} examples were longer than --max-length {config.max_length}: "
                "their prompts lost their oldest tokens")

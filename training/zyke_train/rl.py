@@ -1,0 +1,274 @@
+"""``zyke-train rl``: improve a LoRA adapter from rewards with TRL's ``GRPOTrainer``.
+
+GRPO (Shao et al. 2024, DeepSeekMath) samples ``num_generations`` replies per prompt, scores each with the
+reward function (``rewards.py``), and pushes the policy towards the replies that scored above their group's
+mean; no value model, which is what makes it fit a CPU and a 270M model. TRL's implementation is used as is
+(the issue asks for the field's libraries rather than a loop of our own); this module only builds its
+inputs and takes its output:
+
+- **Prompts are the daemon's prompts.** Rows (NPC dataset rows of the *training* split, or reward rows from
+  ``zyke-train blocks --experience``) are rendered by ``zyke.prompt_format.render_prompt``, and the tokenizer
+  adds BOS as the daemon's does. Generation stops at the end of the reply line (the newline is made an EOS
+  for generation), as the daemon does, so no compute goes into text the daemon would drop.
+- **LoRA only, from a starting adapter.** The starting adapter (a PEFT folder, or a registered name such as
+  the shipped ``npc-default``) is *copied* into the output folder and loaded trainable; the source is never
+  written to. Only its LoRA weights change; rank and targets stay, so the result is a drop-in replacement.
+- **KL anchor to the starting adapter.** With ``beta > 0`` and a pretrained PEFT adapter, TRL 1.16 keeps a
+  frozen copy of it as a second adapter named ``ref`` and computes the reference log-probabilities with it
+  (``GRPOTrainer.__init__``, "create a 'ref' adapter that is a copy of the 'default' adapter"): the KL term
+  anchors to the adapter we started from, not to the bare base model. Only ``default`` is saved.
+- **A small, explicit budget.** ``--max-steps`` optimizer steps, each on ``--prompts-per-step`` prompts x
+  ``--num-generations`` samples of at most ``--max-completion-length`` tokens. The step log (loss, KL and
+  every reward term's mean per step) is written to ``rl_log.json``.
+
+The result, ``OUTPUT_DIR/adapter``, is a plain PEFT adapter folder: ``zyke-train register`` / ``ship`` (or
+``--adapter-name`` here, which calls the same ``register_adapter`` as ``train``) take it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .rewards import RewardWeights
+
+log = logging.getLogger(__name__)
+
+#: Files of a PEFT adapter folder that are copied as the starting point.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class RlError(Exception):
+    """A problem the user can fix (bad data, unknown adapter, a budget that cannot run): the CLI prints it."""
+
+
+@dataclass
+class RlConfig:
+    """Everything an ``rl`` run depends on; written into ``rl_log.json``."""
+
+    data: list[str]
+    output_dir: str
+    #: Starting adapter: a PEFT folder or a registered adapter name.
+    adapter: str = "npc-default"
+    model: str | None = None
+    max_steps: int = 20
+    num_generations: int = 4
+    max_completion_length: int = 64
+    prompts_per_step: int = 1
+    lr: float = 2e-5
+    #: KL coefficient towards the starting adapter (0 turns the anchor off).
+    beta: float = 0.04
+    temperature: float = 1.0
+    seed: int = 0
+    limit: int | None = None
+    min_say_chars: int = 2
+    max_say_chars: int = 300
+    threads: int | None = None
+    weights: RewardWeights = field(default_factory=RewardWeights)
+
+
+@dataclass
+class RlResult:
+    adapter_dir: Path
+    start_dir: Path
+    steps: int
+    log: list[dict[str, float]]
+    seconds: float
+
+
+# -- data
+
+
+def prompt_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One GRPO dataset row from an NPC dataset row or a reward row (docs/EXPERIENCE.md).
+
+    An NPC row's reply action is its label (simulated feedback: the training split says what was right);
+    a reward row carries the recorded reply's action and reward, and a label when the game sent one."""
+    from zyke.prompt_format import allowed_action_names, render_prompt
+    from zyke.protocol.models import NpcSpec, Turn
+
+    from .npc_data import check_row
+
+    recorded = row.get("recorded")
+    context = {k: v for k, v in row.items() if k not in ("recorded", "reward", "label", "adapter")}
+    if recorded is not None:
+        context["reply"] = recorded
+    reason = check_row(context)
+    if reason is not None:
+        raise ValueError(reason)
+    npc = NpcSpec.model_validate(row["npc"])
+    history = [Turn.model_validate(t) for t in row.get("history", [])]
+    allowed = row.get("allowed_actions")
+    if recorded is None:
+        label, recorded_action, reward = row["reply"]["action"], None, None
+    else:
+        reward = row.get("reward")
+        if not isinstance(reward, int | float) or not -1.0 <= reward <= 1.0:
+            raise ValueError("reward must be a number in [-1, 1]")
+        label = (row.get("label") or {}).get("action")
+        recorded_action = recorded["action"]
+        reward = float(reward)
+    return {"prompt": render_prompt(npc, history, row["input"], row.get("state"), allowed),
+            "id": row["id"], "emotions": npc.emotion_names, "actions": allowed_action_names(npc, allowed),
+            "history_says": [t.reply.say for t in history], "label_action": label,
+            "recorded_action": recorded_action, "recorded_reward": reward}
+
+
+def load_prompts(paths: Sequence[Path], limit: int | None = None) -> list[dict[str, Any]]:
+    """GRPO rows from every file, bad rows skipped with a warning (like ``train``), at most ``limit``."""
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for path in paths:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RlError(f"cannot read {path}: {exc}") from exc
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+                if not isinstance(raw, dict):
+                    raise ValueError("a row is a JSON object")
+                rows.append(prompt_row(raw))
+            except (json.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
+                skipped.append(f"{path}:{lineno}: {exc}")
+    if skipped:
+        log.warning("skipped %d bad rows (first: %s)", len(skipped), skipped[0])
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise RlError("no usable rows in " + ", ".join(map(str, paths)) + (f" ({skipped[0]})" if skipped else ""))
+    return rows
+
+
+# -- the starting adapter
+
+
+def resolve_adapter(adapter: str) -> Path:
+    """A PEFT folder as given, or a registered adapter's PEFT folder (hash-checked by the registry)."""
+    path = Path(adapter).expanduser()
+    if path.is_dir():
+        missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
+        if missing:
+            raise RlError(f"{path} is not a PEFT adapter folder (missing {', '.join(missing)})")
+        return path
+    from zyke_daemon.errors import DaemonError
+
+    from .adapters import default_registry
+
+    registry = default_registry()
+    found = registry.entries().get(adapter)
+    if found is None:
+        raise RlError(f"--adapter {adapter!r}: neither a PEFT folder nor a registered adapter "
+                      "(zyke-train adapters lists them)")
+    try:
+        return registry.resolve(adapter, found[1].base, "peft")
+    except DaemonError as exc:
+        raise RlError(f"--adapter {adapter!r}: {exc}") from exc
+
+
+def copy_adapter(source: Path, dest: Path) -> Path:
+    """The starting adapter's two files copied to ``dest`` (the source, e.g. the shipped one, stays as is)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        shutil.copyfile(source / name, dest / name)
+    return dest
+
+
+# -- the run
+
+
+def rl(config: RlConfig, on_log: Callable[[str], None] = print) -> RlResult:
+    """Run GRPO on the starting adapter; writes ``OUTPUT_DIR/adapter`` and ``OUTPUT_DIR/rl_log.json``."""
+    import torch
+
+    try:
+        from datasets import Dataset
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as exc:
+        raise RlError(f"zyke-train rl needs the train extra (trl, peft, datasets): pip install 'zyke[train]' "
+                      f"({exc})") from exc
+
+    from . import rewards
+    from .train import resolve_model
+
+    if config.max_steps < 1 or config.num_generations < 2 or config.max_completion_length < 8 \
+            or config.prompts_per_step < 1:
+        raise RlError("--max-steps >= 1, --num-generations >= 2 (GRPO compares samples of one prompt), "
+                      "--max-completion-length >= 8 and --prompts-per-step >= 1")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = load_prompts([Path(p) for p in config.data], config.limit)
+    start = copy_adapter(resolve_adapter(config.adapter), output_dir / "start")
+
+    base_path = resolve_model(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16 if use_bf16 else torch.float32)
+    try:
+        model = PeftModel.from_pretrained(base, str(start), is_trainable=True)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise RlError(f"the adapter {config.adapter} does not fit the model {base_path}: {exc}") from exc
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    if len(newline) == 1:  # stop where the daemon stops: at the end of the reply line
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, newline[0]]
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    args = GRPOConfig(
+        output_dir=str(output_dir / "grpo"), max_steps=config.max_steps, learning_rate=config.lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        per_device_train_batch_size=config.prompts_per_step * config.num_generations,
+        gradient_accumulation_steps=1, num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length, temperature=config.temperature, beta=config.beta,
+        reward_weights=config.weights.as_list(), seed=config.seed, data_seed=config.seed, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), bf16=use_bf16,
+        dataloader_num_workers=0, disable_tqdm=True, log_completions=False, gradient_checkpointing=False)
+    # gradient_checkpointing off: TRL turns it on by default, but a LoRA on a 270M model has small activations,
+    # and recomputing them on a CPU would cost a third of every backward pass for memory nobody needs.
+    history: list[dict[str, float]] = []
+
+    class _Log(TrainerCallback):
+        def on_log(self, _args: Any, state: Any, _control: Any, logs: dict[str, float] | None = None,
+                   **_: Any) -> None:
+            if logs and "loss" in logs:
+                entry = {"step": state.global_step, **{k: float(v) for k, v in logs.items()
+                                                       if isinstance(v, int | float)}}
+                history.append(entry)
+                on_log(f"step {state.global_step}: reward {entry.get('reward', float('nan')):.3f}, "
+                       f"kl {entry.get('kl', 0.0):.4f}, loss {entry['loss']:.4f}")
+
+    trainer = GRPOTrainer(model=model, reward_funcs=rewards.grpo_reward_funcs(config.min_say_chars,
+                                                                               config.max_say_chars),
+                          args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          callbacks=[_Log()])
+    on_log(f"{len(rows)} prompts; GRPO {config.max_steps} steps x {config.prompts_per_step} prompts x "
+           f"{config.num_generations} samples of <= {config.max_completion_length} tokens, beta {config.beta} "
+           f"(KL to the starting adapter), rewards {rewards.describe(config.weights)}")
+    started = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - started
+
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    after = {k: v.detach() for k, v in trained.named_parameters() if k in before}
+    change = float(sum((after[k].float() - before[k].float()).norm() ** 2 for k in before) ** 0.5)
+    adapter_dir = output_dir / "adapter"
+    trained.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    (output_dir / "rl_log.json").write_text(json.dumps({
+        "config": asdict(config), "start_adapter": config.adapter, "prompts": len(rows), "steps": len(history),
+        "seconds": round(elapsed, 1), "weight_change_l2": change, "log": history}, indent=1) + "\n",
+        encoding="utf-8")
+    on_log(f"LoRA weights moved by {change:.3g} (L2) from the starting adapter")
+    return RlResult(adapter_dir, start, trainer.state.global_step, history, elapsed)
