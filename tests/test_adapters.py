@@ -186,3 +186,25 @@ def test_a_tampered_adapter_is_rejected_by_the_daemon(adapter_daemon: DaemonProc
             client.load_adapter("zzz")
         assert next(a for a in client.load_adapter("a") if a.name == "a").loaded
         assert not next(a for a in client.unload_adapter("a") if a.name == "a").loaded
+
+
+def test_evaluate_checks_an_adapter_against_the_base_it_runs_on(tmp_path: Path) -> None:
+    """`zyke-train evaluate --model DIR --perplexity ...` looks adapters up by the fingerprint of DIR, not of the
+    embedded base (it once always used the embedded one, refusing every adapter trained on another base)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    from zyke_daemon.hf_checkpoint import base_fingerprint
+    from zyke_train.evaluate import EvalError, peft_dir_for
+
+    other = tmp_path / "other-base"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "hidden_size": 8}))
+    save_file({"w": np.ones((2, 2), dtype=np.float32)}, str(other / "model.safetensors"))
+    registry = AdapterRegistry([tmp_path / "adapters"])
+    lora = make_random_lora(tmp_path / "lora", embedded_model_path()[0], seed=3)
+    registry.register("on-other", lora, base_fingerprint(other))
+
+    found = peft_dir_for("on-other", registry, model=str(other))
+    assert (found / "adapter_model.safetensors").is_file()
+    with pytest.raises(EvalError, match="on-other"):
+        peft_dir_for("on-other", registry)  # the embedded base is not the one it was trained on

@@ -712,7 +712,7 @@ def evaluate_cmd(npc_files: tuple[Path, ...], seen_files: tuple[Path, ...], scor
                     ppl[source] = {"skipped": str(exc)}
                     continue
                 for name in names:
-                    peft = ev.peft_dir_for(name) if name else None
+                    peft = ev.peft_dir_for(name, model=model) if name else None
                     result = ev.perplexity(pairs, model, peft) | {"scored": kind}
                     ppl.setdefault(source, {})[name or "base"] = result  # type: ignore[index]
                     click.echo(f"perplexity {source} [{name or 'base'}]: {result['perplexity']} "
@@ -723,8 +723,8 @@ def evaluate_cmd(npc_files: tuple[Path, ...], seen_files: tuple[Path, ...], scor
             results: dict[str, object] = {}
             for name in names:
                 try:
-                    results[name or "base"] = ev.run_lm_eval(tasks, model, ev.peft_dir_for(name) if name else None,
-                                                             limit)
+                    peft_dir = ev.peft_dir_for(name, model=model) if name else None
+                    results[name or "base"] = ev.run_lm_eval(tasks, model, peft_dir, limit)
                 except ev.EvalError as exc:
                     click.echo(str(exc))
                     results = {"skipped": str(exc)}

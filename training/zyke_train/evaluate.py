@@ -443,16 +443,21 @@ def run_lm_eval(tasks: Sequence[str], model_dir: str | None, peft_dir: Path | No
     return {task: metrics for task, metrics in (out or {}).get("results", {}).items()}
 
 
-def peft_dir_for(name: str, registry: Any = None) -> Path:
-    """The registered adapter's PEFT directory, checked against the embedded base's fingerprint."""
+def peft_dir_for(name: str, registry: Any = None, model: str | None = None) -> Path:
+    """The registered adapter's PEFT directory, checked against the fingerprint of the base it will run on:
+    ``model`` (a checkpoint directory or GGUF file, as ``--model`` gives it) or the embedded base."""
     from zyke_daemon.embedded import embedded_model_path
     from zyke_daemon.errors import DaemonError
+    from zyke_daemon.hf_checkpoint import base_fingerprint
 
     from .adapters import default_registry
 
-    _, sha = embedded_model_path()
+    if model is not None and Path(model).expanduser().exists():
+        fingerprint = base_fingerprint(Path(model))
+    else:  # the embedded base (a Hub name cannot be fingerprinted here: the embedded one is what matches)
+        fingerprint = f"sha256:{embedded_model_path()[1]}"
     try:
-        return (registry or default_registry()).resolve(name, f"sha256:{sha}", "peft")
+        return (registry or default_registry()).resolve(name, fingerprint, "peft")
     except DaemonError as exc:
         raise EvalError(str(exc)) from exc
 
