@@ -41,7 +41,11 @@ func _on_reply(reply: Dictionary, request_id: String) -> void:
 	mood.text = "[%s / %s]" % [reply.get("emotion", ""), reply.get("action", "")]
 
 
-func _on_error(code: String, message: String, _request_id: String) -> void:
+func _on_error(code: String, message: String, request_id: String) -> void:
+	# An empty request id: the connection itself failed (daemon not running, wrong token...).
+	if request_id == "":
+		status_label.text = "%s: %s" % [code, message]
+		return
 	bubble.text = "(%s)" % code
 	status_label.text = message
 

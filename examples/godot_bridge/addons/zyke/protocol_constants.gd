@@ -50,13 +50,37 @@ const ERROR_QUEUE_FULL := "queue_full"
 const ERROR_TOO_LONG := "too_long"
 const ERROR_TIMEOUT := "timeout"
 const ERROR_CANCELLED := "cancelled"
+const ERROR_EXPIRED := "expired"
 const ERROR_GENERATION_FAILED := "generation_failed"
 const ERROR_MODEL_ERROR := "model_error"
 const ERROR_INTERNAL := "internal"
+const ERROR_RATE_LIMITED := "rate_limited"
+const ERROR_TOO_MANY_CONNECTIONS := "too_many_connections"
 
 # Why a reply ended.
 const FINISH_STOP := "stop"
 const FINISH_LENGTH := "length"
+
+# Priorities of npc.say (most urgent first).
+const PRIORITY_FOREGROUND := "foreground"
+const PRIORITY_NORMAL := "normal"
+const PRIORITY_BACKGROUND := "background"
+
+# Audiences of the safety rails (strictest first; an NPC can only narrow the daemon's).
+const AUDIENCE_MINOR := "minor"
+const AUDIENCE_TEEN := "teen"
+const AUDIENCE_ADULT := "adult"
+
+# What a safety rail blocked (a reply's safety.blocks[].category).
+const SAFETY_PROFANITY := "profanity"
+const SAFETY_SEXUAL := "sexual"
+const SAFETY_HATE := "hate"
+const SAFETY_SELF_HARM := "self_harm"
+const SAFETY_DRUGS := "drugs"
+const SAFETY_WEAPONS_CRIME := "weapons_crime"
+const SAFETY_PERSONAL_DATA := "personal_data"
+const SAFETY_JAILBREAK := "jailbreak"
+const SAFETY_CUSTOM := "custom"
 
 const CLIENT_FRAME_TYPES := [
 	"hello",
@@ -102,12 +126,39 @@ const ERROR_CODES := [
 	"too_long",
 	"timeout",
 	"cancelled",
+	"expired",
 	"generation_failed",
 	"model_error",
 	"internal",
+	"rate_limited",
+	"too_many_connections",
 ]
 
 const FINISH_REASONS := [
 	"stop",
 	"length",
+]
+
+const PRIORITIES := [
+	"foreground",
+	"normal",
+	"background",
+]
+
+const AUDIENCES := [
+	"minor",
+	"teen",
+	"adult",
+]
+
+const SAFETY_CATEGORIES := [
+	"profanity",
+	"sexual",
+	"hate",
+	"self_harm",
+	"drugs",
+	"weapons_crime",
+	"personal_data",
+	"jailbreak",
+	"custom",
 ]

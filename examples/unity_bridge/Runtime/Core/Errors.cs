@@ -10,6 +10,9 @@ namespace Zyke
         public const string ConnectionLost = "connection_lost";
         /// <summary>Client-side code: the daemon speaks another protocol version.</summary>
         public const string VersionMismatch = "version_mismatch";
+        /// <summary>Client-side code: a request's values cannot be sent as JSON (NaN, an object the writer
+        /// does not know, a cycle). Nothing was sent; fix the argument.</summary>
+        public const string InvalidArgument = "invalid_argument";
 
         public string Code { get; private set; }
         public string RequestId { get; private set; }
@@ -43,6 +46,8 @@ namespace Zyke
                     return new ZykeVersionException(code, message, requestId);
                 case ConnectionLost:
                     return new ZykeConnectionException(message, requestId);
+                case InvalidArgument:
+                    return new ZykeArgumentException(message, requestId);
                 default:
                     return new ZykeException(code, message, requestId);
             }
@@ -74,6 +79,14 @@ namespace Zyke
     {
         public ZykeConnectionException(string message, string requestId, Exception inner = null)
             : base(ConnectionLost, message, requestId, inner) { }
+    }
+
+    /// <summary>A request's values cannot be written as JSON (e.g. a NaN or a MonoBehaviour in a say's State).
+    /// Thrown before anything is sent or connected; the connection is fine.</summary>
+    public class ZykeArgumentException : ZykeException
+    {
+        public ZykeArgumentException(string message, string requestId, Exception inner = null)
+            : base(InvalidArgument, message, requestId, inner) { }
     }
 
     /// <summary>Client and daemon speak different protocol versions.</summary>

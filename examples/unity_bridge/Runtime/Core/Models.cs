@@ -69,6 +69,14 @@ namespace Zyke
         public GenerationOptions DefaultOptions;
         public string Adapter;
         public int? MaxHistory;
+        /// <summary>Who this NPC speaks to (ProtocolConstants.Audiences; null: the daemon's). It can only narrow
+        /// the daemon's audience: the stricter of the two applies (docs/SAFETY.md).</summary>
+        public string Audience;
+        /// <summary>The declared action a reply takes when the daemon deflects the player's line (null: refuse
+        /// when declared, else none).</summary>
+        public string RefusalAction;
+        /// <summary>Extra words or phrases this NPC never says, on top of its audience's lists.</summary>
+        public List<string> BlockedWords;
 
         public NpcSpec() { }
 
@@ -140,6 +148,9 @@ namespace Zyke
             if (Name != null) o["name"] = Name;
             if (MaxHistory.HasValue) o["max_history"] = MaxHistory.Value;
             if (Adapter != null) o["adapter"] = Adapter;
+            if (Audience != null) o["audience"] = Audience;
+            if (RefusalAction != null) o["refusal_action"] = RefusalAction;
+            if (BlockedWords != null && BlockedWords.Count > 0) o["blocked_words"] = new List<object>(BlockedWords);
             if (DefaultEmotion != null || DefaultAction != null || DefaultOptions != null)
             {
                 var d = new Dictionary<string, object>();
@@ -163,6 +174,9 @@ namespace Zyke
             Read(o, "actions", spec.Actions, spec.ActionDescriptions);
             Read(o, "emotions", spec.Emotions, spec.EmotionDescriptions);
             if (o.ContainsKey("max_history")) spec.MaxHistory = (int)JsonRead.Long(o, "max_history");
+            spec.Audience = JsonRead.Str(o, "audience");
+            spec.RefusalAction = JsonRead.Str(o, "refusal_action");
+            if (o.ContainsKey("blocked_words")) spec.BlockedWords = JsonRead.Strings(o, "blocked_words");
             var d = JsonRead.Obj(o, "defaults");
             if (d != null)
             {
@@ -261,6 +275,8 @@ namespace Zyke
         public string Adapter;
         public Usage Usage;
         public Timings Timings;
+        /// <summary>Set when a safety rail intervened (null otherwise); log it, it never holds the blocked text.</summary>
+        public SafetyInfo Safety;
 
         public static SayResult FromFrame(Dictionary<string, object> f)
         {
@@ -273,7 +289,34 @@ namespace Zyke
                 Adapter = JsonRead.Str(f, "adapter"),
                 Usage = Usage.FromJson(JsonRead.Obj(f, "usage")),
                 Timings = Timings.FromJson(JsonRead.Obj(f, "timings")),
+                Safety = SafetyInfo.FromJson(JsonRead.Obj(f, "safety")),
             };
+        }
+    }
+
+    /// <summary>A reply's "safety": which rails intervened, at which stage (docs/SAFETY.md).</summary>
+    public sealed class SafetyInfo
+    {
+        public bool Intervened;
+        /// <summary>The audience the reply was held to (ProtocolConstants.Audiences).</summary>
+        public string Audience;
+        /// <summary>"input:jailbreak", "decode:profanity"... (stage, then ProtocolConstants.SafetyCategories).</summary>
+        public List<string> Blocks = new List<string>();
+
+        public static SafetyInfo FromJson(Dictionary<string, object> o)
+        {
+            if (o == null) return null;
+            object v;
+            var info = new SafetyInfo { Intervened = o.TryGetValue("intervened", out v) && v is bool && (bool)v,
+                                        Audience = JsonRead.Str(o, "audience") };
+            var list = o.TryGetValue("blocks", out v) ? v as List<object> : null;
+            if (list != null)
+                foreach (object item in list)
+                {
+                    var b = item as Dictionary<string, object>;
+                    if (b != null) info.Blocks.Add(JsonRead.Str(b, "stage") + ":" + JsonRead.Str(b, "category"));
+                }
+            return info;
         }
     }
 
@@ -289,6 +332,15 @@ namespace Zyke
         /// <summary>The actions this line may end in, a subset of the NPC's declared ones (null: all).
         /// A name the NPC did not declare fails with code unknown_action.</summary>
         public IList<string> AllowedActions;
+        /// <summary>A ProtocolConstants.Priorities value (null: the NPC's default, else normal): foreground for
+        /// the NPC the player talks to, background for chatter (capability "priority").</summary>
+        public string Priority;
+        /// <summary>Drop the line with code expired if it has not started this many milliseconds after it
+        /// reached the daemon (null: no deadline).</summary>
+        public int? DeadlineMs;
+        /// <summary>true: the result's Safety says when a safety rail intervened (capability "safety"; an older
+        /// daemon refuses the field). The rails apply either way (docs/SAFETY.md).</summary>
+        public bool SafetyReport;
         /// <summary>Request id to use (ZykeClient.NewRequestId()); one is made when null.</summary>
         public string RequestId;
         /// <summary>Called with each piece of the spoken line (streams when set); runs on the client's receive thread.</summary>

@@ -54,9 +54,12 @@ namespace Zyke
             public const string TooLong = @"too_long";
             public const string Timeout = @"timeout";
             public const string Cancelled = @"cancelled";
+            public const string Expired = @"expired";
             public const string GenerationFailed = @"generation_failed";
             public const string ModelError = @"model_error";
             public const string Internal = @"internal";
+            public const string RateLimited = @"rate_limited";
+            public const string TooManyConnections = @"too_many_connections";
         }
 
         /// <summary>Values of a reply frame's "finish_reason".</summary>
@@ -66,9 +69,42 @@ namespace Zyke
             public const string Length = @"length";
         }
 
+        /// <summary>Values of npc.say's "priority", most urgent first.</summary>
+        public static class Priorities
+        {
+            public const string Foreground = @"foreground";
+            public const string Normal = @"normal";
+            public const string Background = @"background";
+        }
+
+        /// <summary>Values of an NPC's "audience" (safety rails), strictest first.</summary>
+        public static class Audiences
+        {
+            public const string Minor = @"minor";
+            public const string Teen = @"teen";
+            public const string Adult = @"adult";
+        }
+
+        /// <summary>Values of a reply's safety.blocks[].category.</summary>
+        public static class SafetyCategories
+        {
+            public const string Profanity = @"profanity";
+            public const string Sexual = @"sexual";
+            public const string Hate = @"hate";
+            public const string SelfHarm = @"self_harm";
+            public const string Drugs = @"drugs";
+            public const string WeaponsCrime = @"weapons_crime";
+            public const string PersonalData = @"personal_data";
+            public const string Jailbreak = @"jailbreak";
+            public const string Custom = @"custom";
+        }
+
         public static readonly string[] ClientFrameTypes = new string[] { @"hello", @"npc.define", @"npc.say", @"cancel", @"npc.reset", @"npc.state.get", @"npc.state.set", @"adapter.list", @"adapter.load", @"adapter.unload", @"ping" };
         public static readonly string[] ServerFrameTypes = new string[] { @"welcome", @"npc.defined", @"reply.delta", @"reply", @"npc.state", @"adapters", @"pong", @"ok", @"error" };
-        public static readonly string[] AllErrorCodes = new string[] { @"bad_json", @"bad_frame", @"unknown_type", @"unsupported_version", @"frame_too_large", @"not_authenticated", @"unauthorized", @"duplicate_id", @"unknown_npc", @"unknown_adapter", @"unknown_action", @"adapter_rejected", @"unknown_request", @"queue_full", @"too_long", @"timeout", @"cancelled", @"generation_failed", @"model_error", @"internal" };
+        public static readonly string[] AllErrorCodes = new string[] { @"bad_json", @"bad_frame", @"unknown_type", @"unsupported_version", @"frame_too_large", @"not_authenticated", @"unauthorized", @"duplicate_id", @"unknown_npc", @"unknown_adapter", @"unknown_action", @"adapter_rejected", @"unknown_request", @"queue_full", @"too_long", @"timeout", @"cancelled", @"expired", @"generation_failed", @"model_error", @"internal", @"rate_limited", @"too_many_connections" };
         public static readonly string[] AllFinishReasons = new string[] { @"stop", @"length" };
+        public static readonly string[] AllPriorities = new string[] { @"foreground", @"normal", @"background" };
+        public static readonly string[] AllAudiences = new string[] { @"minor", @"teen", @"adult" };
+        public static readonly string[] AllSafetyCategories = new string[] { @"profanity", @"sexual", @"hate", @"self_harm", @"drugs", @"weapons_crime", @"personal_data", @"jailbreak", @"custom" };
     }
 }

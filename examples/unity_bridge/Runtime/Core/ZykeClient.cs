@@ -80,15 +80,58 @@ namespace Zyke
             return conn.Welcome;
         }
 
-        /// <summary>Define or update an NPC; it is re-defined after every reconnect. Returns its saved history length.</summary>
+        /// <summary>Define or update an NPC; it is re-defined on every (re)connect. Returns its saved history length.
+        /// The definition is remembered before it is sent: when the daemon is not up yet this throws
+        /// ZykeConnectionException, and the NPC is defined as soon as a later request connects. Only the
+        /// daemon refusing the definition (e.g. bad_frame) makes the client forget it again.</summary>
         public async Task<int> DefineAsync(NpcSpec spec, CancellationToken ct = default(CancellationToken))
         {
             if (spec == null) throw new ArgumentNullException("spec");
             var frame = NewFrame(ProtocolConstants.FrameTypes.NpcDefine, null);
             frame["npc"] = spec;
-            var answer = await RequestAsync(frame, null, ct).ConfigureAwait(false);
-            lock (_lock) _npcs[spec.Id] = spec;
+            string text = Serialize(frame);
+            NpcSpec previous;
+            lock (_lock)
+            {
+                _npcs.TryGetValue(spec.Id ?? "", out previous);
+                _npcs[spec.Id ?? ""] = spec;
+            }
+            Dictionary<string, object> answer;
+            try
+            {
+                answer = await RequestCoreAsync(frame, text, null, ct).ConfigureAwait(false);
+            }
+            catch (ZykeException e)
+            {
+                bool refused = !(e is ZykeConnectionException || e is ZykeTimeoutException || e is ZykeCancelledException
+                                 || e is ZykeAuthException || e is ZykeVersionException);
+                if (refused)
+                {
+                    lock (_lock)
+                    {
+                        NpcSpec current;
+                        if (_npcs.TryGetValue(spec.Id ?? "", out current) && current == spec)
+                        {
+                            if (previous != null) _npcs[spec.Id ?? ""] = previous;
+                            else _npcs.Remove(spec.Id ?? "");
+                        }
+                    }
+                }
+                throw;
+            }
             return (int)JsonRead.Long(answer, "history_turns");
+        }
+
+        /// <summary>Whether the client re-defines this NPC on every (re)connect.</summary>
+        public bool IsKnown(string npcId)
+        {
+            lock (_lock) return npcId != null && _npcs.ContainsKey(npcId);
+        }
+
+        /// <summary>Stop re-defining an NPC on reconnect (the daemon keeps its history).</summary>
+        public void Forget(string npcId)
+        {
+            lock (_lock) if (npcId != null) _npcs.Remove(npcId);
         }
 
         /// <summary>Say something to an NPC; pass onDelta to stream the spoken line as it is generated.</summary>
@@ -109,6 +152,9 @@ namespace Zyke
             if (request.Options != null) frame["options"] = request.Options;
             if (request.Adapter != null) frame["adapter"] = request.Adapter;
             if (request.AllowedActions != null) frame["allowed_actions"] = new List<string>(request.AllowedActions);
+            if (request.Priority != null) frame["priority"] = request.Priority;
+            if (request.DeadlineMs != null) frame["deadline_ms"] = request.DeadlineMs.Value;
+            if (request.SafetyReport) frame["safety_report"] = true;
             var answer = await RequestAsync(frame, request.OnDelta, ct).ConfigureAwait(false);
             return SayResult.FromFrame(answer);
         }
@@ -194,17 +240,48 @@ namespace Zyke
             return watch.Elapsed;
         }
 
-        /// <summary>Send any request frame (v and id are filled in when missing) and await its answer frame.</summary>
+        /// <summary>Send any request frame (v and id are filled in when missing) and await its answer frame.
+        /// A frame that cannot be written as JSON (NaN, an object the writer does not know, a cycle) throws
+        /// ZykeArgumentException at once, before any connecting.</summary>
         public Task<Dictionary<string, object>> RequestAsync(Dictionary<string, object> frame, Action<string> onDelta,
                                                              CancellationToken ct = default(CancellationToken))
         {
+            if (frame == null) throw new ArgumentNullException("frame");
             if (!frame.ContainsKey("v")) frame["v"] = ProtocolConstants.ProtocolVersion;
             if (!frame.ContainsKey("id")) frame["id"] = NewRequestId();
-            return RequestCoreAsync(frame, onDelta, ct);
+            string text;
+            try
+            {
+                text = Serialize(frame);
+            }
+            catch (ZykeArgumentException e)
+            {
+                var failed = new TaskCompletionSource<Dictionary<string, object>>();
+                failed.SetException(e);
+                return failed.Task;
+            }
+            return RequestCoreAsync(frame, text, onDelta, ct);
         }
 
-        async Task<Dictionary<string, object>> RequestCoreAsync(Dictionary<string, object> frame, Action<string> onDelta,
-                                                                CancellationToken ct)
+        /// <summary>The frame as JSON, or ZykeArgumentException naming what cannot be written.</summary>
+        static string Serialize(Dictionary<string, object> frame)
+        {
+            try
+            {
+                return Json.Serialize(frame);
+            }
+            catch (FormatException e)
+            {
+                object id;
+                frame.TryGetValue("id", out id);
+                object type;
+                frame.TryGetValue("type", out type);
+                throw new ZykeArgumentException("cannot send " + type + ": " + e.Message, id as string, e);
+            }
+        }
+
+        async Task<Dictionary<string, object>> RequestCoreAsync(Dictionary<string, object> frame, string text,
+                                                                Action<string> onDelta, CancellationToken ct)
         {
             if (ct.IsCancellationRequested) throw new ZykeCancelledException("cancelled before sending", (string)frame["id"]);
             Connection conn;
@@ -216,7 +293,7 @@ namespace Zyke
             {
                 throw new ZykeCancelledException("cancelled while connecting", (string)frame["id"]);
             }
-            return await conn.RequestAsync(frame, onDelta, _options.RequestTimeout, ct).ConfigureAwait(false);
+            return await conn.RequestAsync(frame, onDelta, _options.RequestTimeout, ct, text).ConfigureAwait(false);
         }
 
         Dictionary<string, object> NewFrame(string type, string id)
@@ -309,7 +386,16 @@ namespace Zyke
                     }
                     catch (ZykeConnectionException) { throw; }
                     catch (ZykeTimeoutException) { throw; }
-                    catch (ZykeException e) { Raise(UnsolicitedError, e); }
+                    catch (ZykeException e)
+                    {
+                        // The daemon refuses this definition: stop re-sending it, and say so.
+                        lock (_lock)
+                        {
+                            NpcSpec current;
+                            if (_npcs.TryGetValue(spec.Id ?? "", out current) && current == spec) _npcs.Remove(spec.Id ?? "");
+                        }
+                        Raise(UnsolicitedError, e);
+                    }
                 }
             }
             catch (ZykeException)
@@ -431,10 +517,11 @@ namespace Zyke
             }
 
             public async Task<Dictionary<string, object>> RequestAsync(Dictionary<string, object> frame, Action<string> onDelta,
-                                                                       TimeSpan timeout, CancellationToken ct)
+                                                                       TimeSpan timeout, CancellationToken ct, string text = null)
             {
                 string id = (string)frame["id"];
                 string type = (string)frame["type"];
+                if (text == null) text = Serialize(frame);
                 var pending = new Pending { OnDelta = onDelta, Type = type };
                 lock (_pending)
                 {
@@ -450,7 +537,7 @@ namespace Zyke
                 {
                     try
                     {
-                        await SendAsync(frame).ConfigureAwait(false);
+                        await SendAsync(text).ConfigureAwait(false);
                     }
                     catch (Exception e)
                     {
@@ -475,7 +562,7 @@ namespace Zyke
                         { "v", ProtocolConstants.ProtocolVersion }, { "type", ProtocolConstants.FrameTypes.Cancel },
                         { "id", _owner.NewRequestId() }, { "target", id },
                     };
-                    SendAsync(cancel).ContinueWith(t => { var ignored = t.Exception; }, TaskContinuationOptions.OnlyOnFaulted);
+                    SendAsync(Json.Serialize(cancel)).ContinueWith(t => { var ignored = t.Exception; }, TaskContinuationOptions.OnlyOnFaulted);
                 }
                 Complete(id, null, why);
             }
@@ -492,9 +579,9 @@ namespace Zyke
                 else pending.Tcs.TrySetResult(frame);
             }
 
-            async Task SendAsync(Dictionary<string, object> frame)
+            async Task SendAsync(string text)
             {
-                byte[] bytes = Encoding.UTF8.GetBytes(Json.Serialize(frame));
+                byte[] bytes = Encoding.UTF8.GetBytes(text);
                 await _sendLock.WaitAsync().ConfigureAwait(false);
                 try
                 {

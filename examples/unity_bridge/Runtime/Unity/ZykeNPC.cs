@@ -19,9 +19,11 @@ namespace Zyke.Unity
     [AddComponentMenu("Zyke/Zyke NPC")]
     public class ZykeNPC : MonoBehaviour
     {
-        [Tooltip("Unique per game; defaults to the GameObject's name.")]
+        [Tooltip("Unique per game; defaults to the GameObject's name made valid (\"Brom (1)\" -> \"brom_1\"). " +
+                 "Letters, digits, _ . - only, at most 64.")]
         public string npcId = "";
         public string displayName = "";
+        [Tooltip("Who the NPC is, in a few sentences. Empty: a neutral default (a warning is logged).")]
         [TextArea(3, 10)] public string persona = "";
         public string[] actions = { "none" };
         public string[] emotions = { "neutral" };
@@ -30,14 +32,29 @@ namespace Zyke.Unity
         public string[] actionDescriptions = { };
         [Tooltip("Optional: what each emotion means, by index of emotions (empty for none).")]
         public string[] emotionDescriptions = { };
+        [Tooltip("Optional; must be one of actions (otherwise it is left out, with an error logged).")]
         public string defaultAction = "";
+        [Tooltip("Optional; must be one of emotions (otherwise it is left out, with an error logged).")]
         public string defaultEmotion = "";
         [Range(0, 200)] public int maxHistory = 12;
+
+        [Header("Safety")]
+        [Tooltip("Who this NPC speaks to: \"minor\", \"teen\" or \"adult\" (empty: the daemon's audience). It can " +
+                 "only narrow the daemon's setting; the stricter of the two applies (docs/SAFETY.md).")]
+        public string audience = "";
+        [Tooltip("Optional: the action a reply takes when the daemon deflects the player's line (default: refuse " +
+                 "when declared, else none). Must be one of actions.")]
+        public string refusalAction = "";
+        [Tooltip("Optional: extra words or phrases this NPC never says.")]
+        public string[] blockedWords = { };
 
         [Header("Generation")]
         [Range(1, 1024)] public int maxTokens = 64;
         [Range(0f, 2f)] public float temperature = 0.7f;
         public bool stream = true;
+        [Tooltip("How soon the daemon serves this NPC's lines: \"foreground\" for the NPC the player talks to, " +
+                 "\"normal\", or \"background\" for chatter (shorter replies, may be dropped at a deadline).")]
+        public string priority = "normal";
 
         [Header("Events (main thread)")]
         public ZykeReplyEvent OnReply = new ZykeReplyEvent();
@@ -66,7 +83,14 @@ namespace Zyke.Unity
 
         void Awake()
         {
-            if (string.IsNullOrEmpty(npcId)) npcId = name.ToLowerInvariant().Replace(' ', '_');
+            if (string.IsNullOrEmpty(npcId)) npcId = NpcSpecRepair.ValidId(name);
+            else if (!NpcSpecRepair.IsValidId(npcId))
+            {
+                string valid = NpcSpecRepair.ValidId(npcId);
+                Debug.LogError("ZykeNPC '" + name + "': npcId \"" + npcId + "\" is not a valid id (letters, digits, _ . - only, " +
+                               "at most 64); using \"" + valid + "\"", this);
+                npcId = valid;
+            }
             if (Client == null) Client = SharedClient;
         }
 
@@ -85,30 +109,57 @@ namespace Zyke.Unity
             }
         }
 
-        /// <summary>(Re)send the definition, e.g. after changing the persona at runtime.</summary>
+        /// <summary>(Re)send the definition, e.g. after changing the persona at runtime. Inspector values the
+        /// daemon would refuse are fixed first (see Problems()), each logged as an error or warning on this
+        /// GameObject. If the daemon is not up yet the client remembers the definition and sends it on connect.</summary>
         public Task Define()
         {
-            _defined = Client.DefineAsync(Spec());
+            var problems = new List<SpecProblem>();
+            var spec = Spec(problems);
+            foreach (var problem in problems)
+            {
+                string text = "ZykeNPC '" + name + "' (" + spec.Id + "): " + problem.Message;
+                if (problem.IsError) Debug.LogError(text, this);
+                else Debug.LogWarning(text, this);
+            }
+            _defined = Client.DefineAsync(spec);
             Watch(_defined);
             return _defined;
         }
 
+        /// <summary>The NpcSpec for this component, always one the daemon accepts.</summary>
         public NpcSpec Spec()
         {
-            var spec = new NpcSpec(npcId, persona, actions, emotions) { MaxHistory = maxHistory };
+            return Spec(null);
+        }
+
+        /// <summary>What in the inspector values the daemon would refuse, and how Spec() fixes it.</summary>
+        public List<SpecProblem> Problems()
+        {
+            var problems = new List<SpecProblem>();
+            Spec(problems);
+            return problems;
+        }
+
+        NpcSpec Spec(List<SpecProblem> problems)
+        {
+            var spec = new NpcSpec(npcId, persona, actions ?? new string[0], emotions ?? new string[0]) { MaxHistory = maxHistory };
             Describe(spec.ActionDescriptions, actions, actionDescriptions);
             Describe(spec.EmotionDescriptions, emotions, emotionDescriptions);
             if (!string.IsNullOrEmpty(displayName)) spec.Name = displayName;
             if (!string.IsNullOrEmpty(defaultAction)) spec.DefaultAction = defaultAction;
             if (!string.IsNullOrEmpty(defaultEmotion)) spec.DefaultEmotion = defaultEmotion;
-            return spec;
+            if (!string.IsNullOrEmpty(audience)) spec.Audience = audience;
+            if (!string.IsNullOrEmpty(refusalAction)) spec.RefusalAction = refusalAction;
+            if (blockedWords != null && blockedWords.Length > 0) spec.BlockedWords = new List<string>(blockedWords);
+            return NpcSpecRepair.Repair(spec, name, problems);
         }
 
         static void Describe(Dictionary<string, string> into, string[] names, string[] descriptions)
         {
             if (names == null || descriptions == null) return;
             for (int i = 0; i < names.Length && i < descriptions.Length; i++)
-                if (!string.IsNullOrEmpty(descriptions[i])) into[names[i]] = descriptions[i];
+                if (!string.IsNullOrEmpty(descriptions[i]) && names[i] != null) into[names[i]] = descriptions[i];
         }
 
         /// <summary>Say something to this NPC (game state optional). Returns the request id; the
@@ -131,6 +182,8 @@ namespace Zyke.Unity
             {
                 NpcId = npcId, Input = text, State = state, RequestId = requestId, AllowedActions = allowedActions,
                 Options = new GenerationOptions { MaxTokens = maxTokens, Temperature = temperature },
+                // normal is the daemon's default: not sending it keeps older daemons working
+                Priority = string.IsNullOrEmpty(priority) || priority == "normal" ? null : priority,
             };
             if (stream) request.OnDelta = piece => _mainThread.Enqueue(() => OnDelta.Invoke(piece));
             var task = SayAfterDefine(request);

@@ -1,6 +1,8 @@
 // End-to-end check of the Zyke C# core against a real zyke-daemon. Built with mcs and run with mono
 // by tests/test_bridges_unity.py:  mono e2e.exe <mode> <ws-url> <token>
-// Modes: e2e (everything below), reconnect (waits for the daemon to restart between two says).
+// Modes: e2e (everything below), json (no daemon: JSON, NpcSpecRepair, argument errors), reconnect (waits for
+// the daemon to restart between two says), define-before-connect (defines while the daemon is down, then
+// waits for it to start and says).
 // Prints one line per check; exits 1 on the first failure.
 using System;
 using System.Collections.Generic;
@@ -24,13 +26,14 @@ static class Program
     {
         if (args.Length < 3)
         {
-            Console.Error.WriteLine("usage: e2e.exe <e2e|reconnect|json> <ws-url> <token>");
+            Console.Error.WriteLine("usage: e2e.exe <e2e|reconnect|define-before-connect|json> <ws-url> <token>");
             return 2;
         }
         try
         {
-            if (args[0] == "json") JsonChecks();
+            if (args[0] == "json") { JsonChecks(); RepairChecks(); OfflineArgumentChecks().GetAwaiter().GetResult(); }
             else if (args[0] == "reconnect") Reconnect(args[1], args[2]).GetAwaiter().GetResult();
+            else if (args[0] == "define-before-connect") DefineBeforeConnect(args[1], args[2]).GetAwaiter().GetResult();
             else { JsonChecks(); EndToEnd(args[1], args[2]).GetAwaiter().GetResult(); }
             Console.WriteLine("PASSED " + _checks + " checks");
             return 0;
@@ -79,6 +82,85 @@ static class Program
               && !tam.ActionDescriptions.ContainsKey("none") && tam.EmotionDescriptions["wary"] == "distrustful of the player",
               "json: NpcSpec with descriptions round trip");
         Check(Json.Serialize(tam) == described, "json: described NpcSpec writes back identically");
+    }
+
+    /// <summary>Inspector values the daemon refuses are made valid, each change reported.</summary>
+    static void RepairChecks()
+    {
+        Check(NpcSpecRepair.ValidId("Brom (1)") == "brom_1", "repair: GameObject name \"Brom (1)\" -> id brom_1");
+        Check(NpcSpecRepair.ValidId("..") == "npc" && NpcSpecRepair.ValidId("") == "npc" && NpcSpecRepair.ValidId(" ( ) ") == "npc",
+              "repair: nothing usable -> id npc");
+        Check(NpcSpecRepair.ValidId(new string('A', 100)).Length == 64, "repair: ids cut to 64 characters");
+        Check(NpcSpecRepair.IsValidId("brom") && !NpcSpecRepair.IsValidId("brom\n") && !NpcSpecRepair.IsValidId("Brom (1)")
+              && !NpcSpecRepair.IsValidId(".."), "repair: IsValidId follows the protocol (no trailing newline, not only dots)");
+        var problems = new List<SpecProblem>();
+        var spec = NpcSpecRepair.Repair(BadInspectorSpec(), "Brom (1)", problems);
+        Check(spec.Id == "brom_1", "repair: invalid npcId replaced by " + spec.Id);
+        Check(spec.Persona.StartsWith("Brom (1), a character", StringComparison.Ordinal), "repair: empty persona -> " + Json.Serialize(spec.Persona));
+        Check(string.Join(",", spec.Actions) == "none,trade" && string.Join(",", spec.Emotions) == "neutral",
+              "repair: invalid and repeated labels left out, empty emotions -> neutral");
+        Check(spec.DefaultAction == null && spec.DefaultEmotion == null, "repair: default action outside the list left out");
+        Check(spec.ActionDescriptions.Count == 1 && spec.ActionDescriptions["trade"] == "buy or sell", "repair: descriptions kept for kept labels");
+        Check(problems.Exists(p => !p.IsError && p.Message.Contains("persona")) && problems.FindAll(p => p.IsError).Count == 8,
+              "repair: one warning (persona) and eight errors reported:\n" + NpcSpecRepair.Describe(problems).TrimEnd());
+        var good = Brom();
+        var clean = new List<SpecProblem>();
+        var same = NpcSpecRepair.Repair(good, "Brom", clean);
+        Check(clean.Count == 0 && Json.Serialize(same) == Json.Serialize(good), "repair: a valid spec is left as it is");
+    }
+
+    /// <summary>What a game developer types into a fresh ZykeNPC inspector by mistake.</summary>
+    static NpcSpec BadInspectorSpec()
+    {
+        var spec = new NpcSpec("Brom (1)", "", new[] { "none", "trade", "bad label!", "trade" }, new[] { "", " " })
+        {
+            DefaultAction = "attack", DefaultEmotion = "furious",
+        };
+        spec.ActionDescriptions["trade"] = "buy or sell";
+        spec.ActionDescriptions["bad label!"] = "never sent";
+        return spec;
+    }
+
+    /// <summary>A state JSON cannot carry is an argument error, not a connection error, and needs no daemon.</summary>
+    static async Task OfflineArgumentChecks()
+    {
+        using (var client = new ZykeClient(new ZykeClientOptions
+               { Url = "ws://127.0.0.1:9", Token = "unused", ConnectTimeout = TimeSpan.FromSeconds(2) }))
+        {
+            await ExpectArgumentError(client, "offline");
+        }
+    }
+
+    static async Task ExpectArgumentError(ZykeClient client, string when)
+    {
+        var cyclic = new Dictionary<string, object>();
+        cyclic["self"] = cyclic;
+        var bad = new[]
+        {
+            new KeyValuePair<string, object>("NaN", double.NaN),
+            new KeyValuePair<string, object>("an object the writer does not know", new object()),
+            new KeyValuePair<string, object>("a cycle", cyclic),
+        };
+        foreach (var item in bad)
+        {
+            var request = new SayRequest { NpcId = "brom", Input = "hi", RequestId = client.NewRequestId(),
+                                           State = new Dictionary<string, object> { { "x", item.Value } } };
+            var watch = System.Diagnostics.Stopwatch.StartNew();
+            try
+            {
+                await client.SayAsync(request);
+                Check(false, when + ": a state with " + item.Key + " fails");
+            }
+            catch (ZykeArgumentException e)
+            {
+                Check(e.Code == ZykeException.InvalidArgument && e.RequestId == request.RequestId && watch.Elapsed.TotalSeconds < 1,
+                      when + ": state with " + item.Key + ": ZykeArgumentException " + e.Code + " at once (" + e.Message + ")");
+            }
+            catch (ZykeException e)
+            {
+                Check(false, when + ": state with " + item.Key + " must be an argument error, not " + e.GetType().Name + " " + e.Code);
+            }
+        }
     }
 
     static ZykeClient NewClient(string url, string token)
@@ -234,6 +316,13 @@ static class Program
             var adapters = await client.ListAdaptersAsync();
             Check(adapters != null, "adapter.list answered (" + adapters.Count + " adapters)");
 
+            await ExpectArgumentError(client, "connected");
+            Check(client.IsConnected, "bad state: the connection stays up");
+
+            var repaired = NpcSpecRepair.Repair(BadInspectorSpec(), "Brom (1)");
+            int repairedTurns = await client.DefineAsync(repaired);
+            Check(repairedTurns >= 0, "repaired inspector defaults accepted by the daemon (" + repaired.Id + ")");
+
             var after = await client.SayAsync(Say("Goodbye."));
             CheckReply(after, "connection still usable after errors and a cancel");
             await client.CloseAsync();
@@ -250,6 +339,36 @@ static class Program
             {
                 Check(e.Code == ProtocolConstants.ErrorCodes.Unauthorized, "wrong token: ZykeAuthException " + e.Code);
             }
+        }
+    }
+
+    /// <summary>A game whose NPCs wake before the daemon is up: the definition is remembered and sent on connect,
+    /// so the first say after the daemon starts is answered (it used to fail with unknown_npc).</summary>
+    static async Task DefineBeforeConnect(string url, string token)
+    {
+        using (var client = new ZykeClient(new ZykeClientOptions
+               {
+                   Url = url, Token = token, Game = "csharp-early", RequestTimeout = TimeSpan.FromSeconds(90),
+                   ConnectTimeout = TimeSpan.FromSeconds(3),
+               }))
+        {
+            try
+            {
+                await client.DefineAsync(Brom());
+                Check(false, "define while the daemon is down fails");
+            }
+            catch (ZykeConnectionException e)
+            {
+                Check(e.Code == ZykeException.ConnectionLost, "define while the daemon is down: ZykeConnectionException (" + e.Message + ")");
+            }
+            Check(client.IsKnown("brom"), "the definition is remembered for the connect");
+            await ExpectArgumentError(client, "daemon down");
+            Console.WriteLine("READY_FOR_START");
+            Console.Out.Flush();
+            Console.ReadLine();
+            var reply = await client.SayAsync(Say("Are you open yet?"));
+            CheckReply(reply, "say after the daemon started: brom was defined on connect, no unknown_npc");
+            await client.CloseAsync();
         }
     }
 

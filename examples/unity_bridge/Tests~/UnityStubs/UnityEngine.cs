@@ -5,7 +5,7 @@ using System;
 namespace UnityEngine
 {
     public class Object { public string name = ""; }
-    public class Component : Object { }
+    public class Component : Object { public T GetComponent<T>() { return default(T); } }
     public class Behaviour : Component { public bool enabled = true; }
     public class MonoBehaviour : Behaviour { }
     public static class Debug
@@ -13,9 +13,18 @@ namespace UnityEngine
         public static void Log(object message) { Console.WriteLine(message); }
         public static void LogWarning(object message) { Console.WriteLine(message); }
         public static void LogError(object message) { Console.Error.WriteLine(message); }
+        public static void LogError(object message, Object context) { Console.Error.WriteLine(message); }
+        public static void LogWarning(object message, Object context) { Console.WriteLine(message); }
         public static void LogException(Exception exception, Object context) { Console.Error.WriteLine(exception); }
     }
     public class TextMesh : Component { public string text = ""; }
+    public struct Rect { public Rect(float x, float y, float width, float height) { } }
+    public static class GUI
+    {
+        public static string TextField(Rect position, string text) { return text; }
+        public static bool Button(Rect position, string text) { return false; }
+        public static void Label(Rect position, string text) { }
+    }
     [AttributeUsage(AttributeTargets.Field)] public sealed class SerializeField : Attribute { }
     [AttributeUsage(AttributeTargets.Field)] public sealed class TooltipAttribute : Attribute { public TooltipAttribute(string t) { } }
     [AttributeUsage(AttributeTargets.Field)] public sealed class HeaderAttribute : Attribute { public HeaderAttribute(string h) { } }
