@@ -281,3 +281,29 @@ def test_transformers_settings_load_from_env_and_flags(monkeypatch: pytest.Monke
     monkeypatch.setenv("ZYKE_COMPILE", "maybe")
     with pytest.raises(ValueError, match="true or false"):
         load_config(path=tmp_path / "none.toml")
+
+
+@slow
+def test_daemon_starts_on_a_transformers_checkpoint_dir(tmp_path: Path) -> None:
+    """`zyke-daemon start --backend transformers --model DIR` serves (the GGUF-only model check once ran
+    first and refused every checkpoint directory with "model file not found")."""
+    import sys
+
+    from zyke import Client
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from daemon_proc import DaemonProcess
+    from federated_proc import tiny_base
+
+    model = tiny_base(tmp_path / "tiny")
+    proc = DaemonProcess(tmp_path / "home", extra_args=["--backend", "transformers", "--model", str(model),
+                                                         "--device", "cpu"]).start()
+    try:
+        with Client(proc.url, proc.token, game="hf-dir", timeout=300) as client:
+            assert client.connect().backend == "transformers"
+            npc = client.npc("brom", name="Brom", persona="A blacksmith.", actions=["none", "repair"],
+                             emotions=["neutral", "angry"])
+            reply = npc.say("Can you fix my sword?", max_tokens=24)
+            assert reply.emotion in {"neutral", "angry"} and reply.action in {"none", "repair"}
+    finally:
+        proc.stop()

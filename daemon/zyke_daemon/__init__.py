@@ -1,3 +1,5 @@
 """zyke-daemon: serves NPC replies from a local model over the Zyke WebSocket protocol."""
 
-__version__ = "0.1.0"
+from zyke import __version__
+
+__all__ = ["__version__"]

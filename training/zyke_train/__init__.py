@@ -1,3 +1,5 @@
 """zyke-train: datasets, LoRA training, evaluation and export for Zyke NPC models."""
 
-__version__ = "0.1.0"
+from zyke import __version__
+
+__all__ = ["__version__"]

@@ -8,7 +8,12 @@
 Only websockets, pydantic and platformdirs are imported: no model runtime, no numpy.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # one version, pyproject.toml's: the SDK, the daemon and zyke-train all report this one
+    __version__ = version("zyke")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 from .aio import AsyncClient, AsyncNpc, AsyncReplyStream
 from .client import Client, Npc, ReplyStream
@@ -18,6 +23,7 @@ from .errors import (
     Cancelled,
     ConnectionLost,
     DaemonNotRunning,
+    Expired,
     GenerationFailed,
     ProtocolError,
     QueueFull,
@@ -54,6 +60,7 @@ __all__ = [
     "ConnectionLost",
     "DaemonNotRunning",
     "ErrorCode",
+    "Expired",
     "GenerationFailed",
     "GenerationOptions",
     "Npc",

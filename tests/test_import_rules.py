@@ -1,0 +1,64 @@
+"""Which package may import which (docs/ARCHITECTURE.md, "Import rules"), read from the source with ``ast``.
+
+The layering is what keeps the SDK light and the protocol core testable without a socket: a game that
+installs ``zyke`` must never pull in a model runtime, and the sans-I/O core must never reach for the event
+loop. These rules are cheap to break by accident (one convenient import), so the test command checks them.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {
+    "zyke": ROOT / "sdk" / "python" / "zyke",
+    "zyke_daemon": ROOT / "daemon" / "zyke_daemon",
+    "zyke_train": ROOT / "training" / "zyke_train",
+}
+#: package -> top-level modules it must never import, anywhere in it (also inside functions)
+FORBIDDEN = {
+    # the SDK a game imports: websockets, pydantic, platformdirs and the standard library only
+    "zyke": {"zyke_daemon", "zyke_train", "torch", "transformers", "peft", "numpy", "llama_cpp", "llguidance"},
+    # the daemon never needs the training stack
+    "zyke_daemon": {"zyke_train", "trl", "accelerate", "datasets"},
+}
+#: sans-I/O modules: they keep protocol state and decide, the shells do the I/O
+SANS_IO = [PACKAGES["zyke"] / "protocol", PACKAGES["zyke_daemon"] / "core.py", PACKAGES["zyke_daemon"] / "scheduler.py"]
+IO_MODULES = {"asyncio", "websockets", "socket", "selectors", "http", "urllib"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports (relative imports excluded)."""
+    roots: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def sources(target: Path) -> list[Path]:
+    return sorted(target.rglob("*.py")) if target.is_dir() else [target]
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_stay_in_their_layer(package: str) -> None:
+    broken = {str(path.relative_to(ROOT)): sorted(imported_roots(path) & FORBIDDEN[package])
+              for path in sources(PACKAGES[package])}
+    assert {k: v for k, v in broken.items() if v} == {}
+
+
+def test_sans_io_core_does_no_io() -> None:
+    broken = {str(path.relative_to(ROOT)): sorted(imported_roots(path) & IO_MODULES)
+              for target in SANS_IO for path in sources(target)}
+    assert {k: v for k, v in broken.items() if v} == {}
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
+    sample = tmp_path / "m.py"
+    sample.write_text("import json\n\ndef f():\n    from torch import nn\n    import asyncio.events\n")
+    assert imported_roots(sample) == {"json", "torch", "asyncio"}
