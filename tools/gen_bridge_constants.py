@@ -6,8 +6,8 @@
 
 The schemas are the one source of truth (the daemon validates with them); this tool derives what a
 bridge needs from them: the protocol version, the frame types each side sends, the error codes, the
-finish reasons and the id/label patterns. tests/test_bridges_constants.py runs it in memory and
-fails when a committed file differs.
+finish reasons, the priorities, the safety audiences and categories and the id/label patterns.
+tests/test_bridges_constants.py runs it in memory and fails when a committed file differs.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ def protocol_facts(schemas: Path = SCHEMAS) -> dict[str, Any]:
         "server_frames": frame_names("server"),
         "error_codes": list(common["ErrorCode"]["enum"]),
         "finish_reasons": list(_load("frames/reply", schemas)["properties"]["finish_reason"]["enum"]),
+        "priorities": list(common["Priority"]["enum"]),
+        "audiences": list(common["Audience"]["enum"]),
+        "safety_categories": list(common["SafetyCategory"]["enum"]),
         "npc_id_pattern": common["NpcId"]["pattern"],
         "label_pattern": common["Label"]["pattern"],
         "request_id_max": common["RequestId"]["maxLength"],
@@ -103,6 +106,12 @@ def render_godot(facts: dict[str, Any]) -> str:
     out += [f"const ERROR_{_upper(c)} := {_gd_str(c)}" for c in facts["error_codes"]]
     out += ["", "# Why a reply ended."]
     out += [f"const FINISH_{_upper(r)} := {_gd_str(r)}" for r in facts["finish_reasons"]]
+    out += ["", "# Priorities of npc.say (most urgent first)."]
+    out += [f"const PRIORITY_{_upper(p)} := {_gd_str(p)}" for p in facts["priorities"]]
+    out += ["", "# Audiences of the safety rails (strictest first; an NPC can only narrow the daemon's)."]
+    out += [f"const AUDIENCE_{_upper(a)} := {_gd_str(a)}" for a in facts["audiences"]]
+    out += ["", "# What a safety rail blocked (a reply's safety.blocks[].category)."]
+    out += [f"const SAFETY_{_upper(c)} := {_gd_str(c)}" for c in facts["safety_categories"]]
 
     def gd_list(name: str, values: list[str]) -> list[str]:
         return ["", f"const {name} := [", *(f"\t{_gd_str(v)}," for v in values), "]"]
@@ -111,6 +120,9 @@ def render_godot(facts: dict[str, Any]) -> str:
     out += gd_list("SERVER_FRAME_TYPES", facts["server_frames"])
     out += gd_list("ERROR_CODES", facts["error_codes"])
     out += gd_list("FINISH_REASONS", facts["finish_reasons"])
+    out += gd_list("PRIORITIES", facts["priorities"])
+    out += gd_list("AUDIENCES", facts["audiences"])
+    out += gd_list("SAFETY_CATEGORIES", facts["safety_categories"])
     return "\n".join(out) + "\n"
 
 
@@ -152,10 +164,31 @@ def render_unity(facts: dict[str, Any]) -> str:
         *consts(facts["finish_reasons"]),
         "        }",
         "",
+        "        /// <summary>Values of npc.say's \"priority\", most urgent first.</summary>",
+        "        public static class Priorities",
+        "        {",
+        *consts(facts["priorities"]),
+        "        }",
+        "",
+        "        /// <summary>Values of an NPC's \"audience\" (safety rails), strictest first.</summary>",
+        "        public static class Audiences",
+        "        {",
+        *consts(facts["audiences"]),
+        "        }",
+        "",
+        "        /// <summary>Values of a reply's safety.blocks[].category.</summary>",
+        "        public static class SafetyCategories",
+        "        {",
+        *consts(facts["safety_categories"]),
+        "        }",
+        "",
         *array("ClientFrameTypes", facts["client_frames"]),
         *array("ServerFrameTypes", facts["server_frames"]),
         *array("AllErrorCodes", facts["error_codes"]),
         *array("AllFinishReasons", facts["finish_reasons"]),
+        *array("AllPriorities", facts["priorities"]),
+        *array("AllAudiences", facts["audiences"]),
+        *array("AllSafetyCategories", facts["safety_categories"]),
         "    }",
         "}",
     ]

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +22,7 @@ from zyke.paths import data_dir, read_runtime
 from . import __version__
 from .config import load_config
 from .errors import ModelLoadError
+from .safety import rails_for
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,11 +53,19 @@ def cli() -> None:
 @click.option("--allow-host", "allowed_hosts", multiple=True,
               help="A Host header name the daemon answers besides loopback names (repeatable; '*' for any). "
                    "Guards /health and /metrics against DNS rebinding.")
+@click.option("--max-connections", "max_connections", type=int,
+              help="WebSocket connections served at once (default 64); more get too_many_connections.")
+@click.option("--rate-limit", "rate_limit_per_s", type=float,
+              help="Frames per second one connection may send, sustained (default 100; bursts of 200; 0: off).")
 @click.option("--adapter-dir", "adapter_dirs", multiple=True, type=click.Path(file_okay=False),
               help="Another directory with a manifest.json of LoRA adapters (repeatable).")
 @click.option("--default-adapter", "default_adapter",
               help="Adapter for NPCs that name none (default: the shipped npc-default on the embedded model; "
                    "'none' serves the bare base model).")
+@click.option("--audience", type=click.Choice(["minor", "teen", "adult"]),
+              help="Who the game is for (default minor): what the safety rails block; an NPC can only narrow it.")
+@click.option("--safe-mode/--no-safe-mode", "safe_mode", default=None,
+              help="Safety rails on (default) or off for every NPC; see docs/SAFETY.md.")
 @click.option("--detach", is_flag=True, help="Run in the background and return once the model is ready.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
 def start(detach: bool, **flags: Any) -> None:
@@ -65,7 +75,8 @@ def start(detach: bool, **flags: Any) -> None:
     flags["adapter_dirs"] = flags["adapter_dirs"] or None
     try:
         config = load_config(flags)
-    except ValueError as exc:
+        rails_for(config)  # a broken safety.toml stops the start here, not at the first NPC line
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise click.ClickException(str(exc)) from exc
     running = _health()
     if running is not None:

@@ -38,8 +38,28 @@ class DaemonConfig:
     n_threads: int | None = None  # None: llama.cpp's own choice
     max_frame_bytes: int = 64 * 1024
     max_queued_per_client: int = 8
-    request_timeout_s: float = 120.0
+    request_timeout_s: float = 120.0  # counted from arrival: time in the queue counts
+    # Caps on what one client can cost the daemon (docs/RELIABILITY.md). Each is far above what a game does:
+    # a game opens one or two connections, defines its NPCs in a burst and then says a line every few seconds.
+    max_connections: int = 64  # more are answered too_many_connections and closed (1013)
+    rate_limit_per_s: float = 100.0  # frames per second per connection, sustained; beyond: rate_limited
+    rate_limit_burst: int = 200  # frames a connection may send at once before the rate applies
+    hello_timeout_s: float = 10.0  # a connection that has not authenticated by then is closed (1008)
+    max_auth_failures: int = 3  # wrong tokens on one connection before it is closed (1008)
+    max_send_queue_bytes: int = 4 * 1024 * 1024  # answers waiting for a client that does not read (1008)
     max_history: int = 12
+    # Priorities (docs/SCHEDULING.md): foreground lines first, background chatter short, late or never.
+    #: a waiting priority level is served at least once every this many admissions of more urgent ones (0: never)
+    starve_after: int = 4
+    #: per-reply token caps by priority (None: only the request's own max_tokens): short barks for background
+    background_max_tokens: int | None = 48
+    normal_max_tokens: int | None = None
+    #: a background line that names no deadline_ms is dropped (expired) after waiting this long (None: never)
+    background_deadline_ms: int | None = None
+    #: lower-priority replies in the batch wait while a foreground reply decodes its first tokens (0: off)
+    foreground_solo_tokens: int = 8
+    #: daemon-wide decode budget for background replies, tokens per second (None: unlimited)
+    background_tokens_per_s: float | None = None
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
     #: Host header names answered besides the loopback ones and the bound host ("*": any). A web page that
     #: rebinds its own name to 127.0.0.1 sends its name as Host, so checking it keeps /health and /metrics local.
@@ -50,6 +70,12 @@ class DaemonConfig:
     #: when it is registered for the model being served (the shipped one fits the embedded model).
     default_adapter: str | None = DEFAULT_ADAPTER_NAME
     token: str | None = None  # None: ZYKE_TOKEN or the token file
+    #: Safety rails (docs/SAFETY.md): who the game is for (minor, teen or adult; an NPC may only narrow it),
+    #: and the switch for all rails. Only this configuration sets them: nothing a client sends can loosen them.
+    audience: str = "minor"
+    safe_mode: bool = True
+    #: the studio's own blocked and allowed words (TOML); None: safety.toml in the config dir when it exists
+    safety_file: str | None = None
 
     @property
     def is_loopback(self) -> bool:
@@ -100,4 +126,6 @@ def load_config(overrides: dict[str, Any] | None = None, path: Path | None = Non
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = _coerce(name, value)
+    if values.get("audience") is not None and values["audience"] not in {"minor", "teen", "adult"}:
+        raise ValueError(f"audience: expected minor, teen or adult, got {values['audience']!r}")
     return replace(DaemonConfig(), **values)

@@ -45,6 +45,8 @@ from zyke.protocol import (
     Ping,
     Pong,
     Reply,
+    Safety,
+    SafetyBlock,
     Timings,
     Turn,
     Usage,
@@ -58,6 +60,8 @@ from .backends.base import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_REPEAT_PENALTY, Gene
 from .config import BASE_ADAPTER, DaemonConfig
 from .errors import DaemonError
 from .reply_stream import ReplyAssembler
+from .safety import Screen, deflection_note, rails_for, refusal_action, safe_prefix
+from .scheduler import BACKGROUND, NORMAL, rank_of
 from .sessions import SessionStore
 from .validation import client_frame_types, clip, describe, first_error, quote, validator_for
 
@@ -66,7 +70,8 @@ log = logging.getLogger(__name__)
 #: What this daemon supports beyond the v1 base; a client checks here before using an additive feature an
 #: older v1 daemon would refuse as bad_frame (docs/PROTOCOL.md): "choices" (described actions and emotions),
 #: "allowed_actions" (npc.say narrowing the actions of one line).
-CAPABILITIES = ["stream", "constrained", "cancel", "npc.state", "adapters", "choices", "allowed_actions"]
+CAPABILITIES = ["stream", "constrained", "cancel", "npc.state", "adapters", "choices", "allowed_actions",
+                "priority", "safety"]
 DEFAULT_MAX_TOKENS = 96
 _CLIENT_FRAME: TypeAdapter[Any] = TypeAdapter(ClientFrame)
 
@@ -114,7 +119,17 @@ class AdapterOp:
     name: str
 
 
-Action = Send | Submit | CancelJob | AdapterOp
+@dataclass
+class Close:
+    """Close the connection because a documented cap was reached (after the frames already sent): ``code`` is the
+    WebSocket close code, ``cap`` the config name of the cap (counted in /metrics)."""
+
+    code: int
+    reason: str
+    cap: str
+
+
+Action = Send | Submit | CancelJob | AdapterOp | Close
 
 
 @dataclass
@@ -128,8 +143,24 @@ class SayJob:
     enqueued_at: float
     adapter: str | None
     options: GenerationOptions
+    #: the scheduler rank (scheduler.FOREGROUND / NORMAL / BACKGROUND) from npc.say or the NPC's defaults
+    rank: int = NORMAL
+    #: monotonic time after which the job, if still queued, is dropped with ``expired`` (None: never)
+    deadline_at: float | None = None
+    #: the rank it was scheduled at: ``rank``, or more urgent when a later line to the same NPC lifted it (the
+    #: token cap still follows ``rank``)
+    queued_rank: int | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     started_at: float | None = None
+    #: what screening the player's line found (safety.Rails.screen_input), set once when the job first runs
+    screen: Screen | None = None
+    #: what the safety rails did to the reply (None: nothing), set by ``DaemonCore.finish``
+    safety: Safety | None = None
+    #: set when ``request_timeout_s`` ran out, counted from ``enqueued_at``: the wait in the queue counts, so a
+    #: say stuck behind a long one gets ``timeout`` on time instead of waiting for the model without limit
+    timed_out: bool = False
+    #: the server's handle on that deadline (an asyncio TimerHandle), cancelled when the job ends
+    timer: Any = field(default=None, repr=False, compare=False)
 
     @property
     def npc_id(self) -> str:
@@ -147,12 +178,18 @@ class DaemonCore:
                  default_adapter: str | None = None) -> None:
         self.config = config
         self.sessions = sessions
+        if sessions.max_frame_bytes is None:  # every state npc.state.get hands out must fit npc.state.set
+            sessions.max_frame_bytes = config.max_frame_bytes
         self.token = token
         self.model = model
         self.backend_name = backend_name
         self.adapters = adapters
         #: what an NPC that names no adapter speaks with (checked against the served model by the server)
         self.default_adapter = default_adapter
+        #: the safety rails from the daemon's own configuration only (docs/SAFETY.md)
+        self.rails = rails_for(config)
+        #: seconds, for the per-connection rate limit (a test steps it by hand)
+        self.clock: Callable[[], float] = time.monotonic
         self._conn_ids = itertools.count(1)
 
     def connect(self) -> ConnectionCore:
@@ -166,12 +203,13 @@ class DaemonCore:
         if session is None:
             raise DaemonError(ErrorCode.UNKNOWN_NPC, f"NPC {job.npc_id!r} was removed", job.request_id)
         opts = job.options
-        max_tokens = opts.max_tokens or DEFAULT_MAX_TOKENS
+        max_tokens = token_cap(self.config, job.rank, opts.max_tokens or DEFAULT_MAX_TOKENS)
         history = list(session.history)
         budget = n_ctx - max_tokens - 8
-        allowed = allowed_actions(session.spec, job.frame.allowed_actions, job.request_id)
+        allowed = self.turn_actions(job, session.spec)
+        note = deflection_note(session.spec.display_name) if self.screen(job, session.spec).tripped else None
         while True:
-            prompt = render_prompt(session.spec, history, job.frame.input, job.frame.state, allowed)
+            prompt = render_prompt(session.spec, history, job.frame.input, job.frame.state, allowed, note)
             tokens = count_tokens(prompt)
             if tokens <= budget:
                 break
@@ -195,13 +233,14 @@ class DaemonCore:
             history_says=[t.reply.say for t in history],
             adapter=job.adapter,
             cancel=job.cancel,
+            safety=self.rails.matcher(session.spec.audience, session.spec.blocked_words or ()),
         )
 
     def assembler(self, job: SayJob) -> ReplyAssembler:
         """Follows the generation; a reply cut short falls back to an action this turn allows."""
         spec = self._spec(job)
         defaults = spec.defaults
-        allowed = allowed_actions(spec, job.frame.allowed_actions, job.request_id)
+        allowed = self.turn_actions(job, spec)
         return ReplyAssembler(
             spec.emotion_names, allowed_action_names(spec, allowed),
             defaults.emotion if defaults else None, defaults.action if defaults else None,
@@ -213,8 +252,15 @@ class DaemonCore:
         if result.finish_reason == "cancelled":
             raise DaemonError(ErrorCode.CANCELLED, "the request was cancelled", job.request_id)
         spec = self._spec(job)
-        allowed = allowed_actions(spec, job.frame.allowed_actions, job.request_id)
+        allowed = self.turn_actions(job, spec)
         data, complete = assembler.reply()
+        decode_blocks = dict(result.safety_blocks)
+        matcher = self.rails.matcher(spec.audience, spec.blocked_words or ())
+        if matcher is not None and isinstance(data.get("say"), str):
+            category = matcher.check(data["say"])
+            if category is not None:  # the decoder could not keep it out (a grammar-forced end): cut it
+                data["say"] = safe_prefix(matcher, data["say"])
+                decode_blocks[category] = decode_blocks.get(category, 0) + 1
         problem = describe(validator_for(reply_schema(spec, allowed_actions=allowed)), data) \
             or first_error("npc_reply", data)
         if problem:
@@ -238,7 +284,38 @@ class DaemonCore:
                 tokens_per_s=round(max(result.completion_tokens - 1, 0) / gen_s, 2),
             ),
         )
+        safety = self._safety(job, spec, decode_blocks)
+        if safety is not None and job.frame.safety_report:  # opt-in: an older client never sees the field
+            frame.safety = safety
+        job.safety = safety  # counted in /metrics whether or not the client asked to see it
         return dump_frame(frame)
+
+    def screen(self, job: SayJob, spec: NpcSpec) -> Screen:
+        """The player's line screened by the rails, once per job (the first step that needs it)."""
+        if job.screen is None:
+            job.screen = self.rails.screen_input(job.frame.input, spec.audience, spec.blocked_words or ())
+        return job.screen
+
+    def turn_actions(self, job: SayJob, spec: NpcSpec) -> list[str] | None:
+        """The actions this turn allows: the game's narrowing (``allowed_actions``), and when the rails
+        screened the player's line, only the NPC's refusal action (when it declares one)."""
+        allowed = allowed_actions(spec, job.frame.allowed_actions, job.request_id)
+        if self.screen(job, spec).tripped:
+            refusal = refusal_action(spec.action_names, allowed, spec.refusal_action)
+            if refusal is not None:
+                return [refusal]
+        return allowed
+
+    def _safety(self, job: SayJob, spec: NpcSpec, decode_blocks: dict[str, int]) -> Safety | None:
+        """The reply's safety field (None when no rail intervened), logged without the offending text."""
+        blocks = [SafetyBlock(stage="input", category=c) for c in (job.screen.categories if job.screen else ())]
+        blocks += [SafetyBlock(stage="decode", category=c, count=n) for c, n in decode_blocks.items()]
+        if not blocks:
+            return None
+        audience = self.rails.effective(spec.audience)
+        log.info("safety: request %s npc %s audience %s: %s", job.request_id, job.npc_id, audience,
+                 ", ".join(f"{b.stage}/{b.category}" + (f"x{b.count}" if b.count else "") for b in blocks))
+        return Safety(intervened=True, audience=audience, blocks=blocks)
 
     def _spec(self, job: SayJob) -> NpcSpec:
         session = self.sessions.get(job.conn.game, job.npc_id)
@@ -257,6 +334,10 @@ class ConnectionCore:
         self.authenticated = False
         self.game = "default"
         self.pending: dict[str, SayJob] = {}
+        self.auth_failures = 0
+        # a token bucket: rate_limit_burst frames at once, rate_limit_per_s sustained
+        self._allowance = float(daemon.config.rate_limit_burst)
+        self._last_frame = daemon.clock()
 
     def receive(self, data: str | bytes) -> list[Action]:
         """Handle one WebSocket message. Never raises for bad input: errors become error frames."""
@@ -264,6 +345,12 @@ class ConnectionCore:
         try:
             raw = self._decode(data)
             request_id = _request_id(raw)
+            if not self._within_rate():  # parsed only far enough to name the refused request
+                cfg = self.daemon.config
+                raise DaemonError(ErrorCode.RATE_LIMITED,
+                                  f"over {cfg.rate_limit_per_s:g} frames/s on this connection (bursts of "
+                                  f"{cfg.rate_limit_burst}); this frame was not handled, send it again later",
+                                  request_id)
             problem = _scan(raw)
             if problem:
                 raise DaemonError(ErrorCode.BAD_FRAME, problem, request_id)
@@ -277,6 +364,20 @@ class ConnectionCore:
 
     def job_done(self, job: SayJob) -> None:
         self.pending.pop(job.request_id, None)
+
+    def _within_rate(self) -> bool:
+        """Take one frame from the connection's allowance (refilled at ``rate_limit_per_s``; 0 turns it off)."""
+        cfg = self.daemon.config
+        if cfg.rate_limit_per_s <= 0:
+            return True
+        now = self.daemon.clock()
+        self._allowance = min(float(cfg.rate_limit_burst),
+                              self._allowance + (now - self._last_frame) * cfg.rate_limit_per_s)
+        self._last_frame = now
+        if self._allowance < 1:
+            return False
+        self._allowance -= 1
+        return True
 
     def close(self) -> list[SayJob]:
         """The socket is gone: every job of this connection must be cancelled."""
@@ -384,8 +485,15 @@ class ConnectionCore:
 
     def _hello(self, frame: Hello) -> list[Action]:
         if not hmac.compare_digest(frame.token.encode(), self.daemon.token.encode()):
-            raise DaemonError(ErrorCode.UNAUTHORIZED,
-                              "wrong token; clients read it from the daemon's token file or ZYKE_TOKEN", frame.id)
+            self.auth_failures += 1
+            limit = self.daemon.config.max_auth_failures
+            wrong = DaemonError(ErrorCode.UNAUTHORIZED,
+                                "wrong token; clients read it from the daemon's token file or ZYKE_TOKEN", frame.id)
+            if 0 < limit <= self.auth_failures:  # guessing costs a new connection (and its hello timeout) per try
+                return [Send(error_frame(wrong.code, f"{wrong.message}; closing after {self.auth_failures} wrong "
+                                                      "tokens", frame.id)),
+                        Close(1008, f"max_auth_failures: {self.auth_failures} wrong tokens", "max_auth_failures")]
+            raise wrong
         if frame.protocol != PROTOCOL_VERSION:
             raise DaemonError(ErrorCode.UNSUPPORTED_VERSION,
                               f"client speaks protocol {frame.protocol}; this daemon speaks {PROTOCOL_VERSION}",
@@ -421,8 +529,15 @@ class ConnectionCore:
             raise DaemonError(ErrorCode.UNKNOWN_ADAPTER, f"no adapter named {adapter!r} is registered", frame.id)
         defaults = session.spec.defaults.options if session.spec.defaults and session.spec.defaults.options else None
         options = _merge_options(defaults, frame.options)
-        job = SayJob(request_id=frame.id, conn=self, frame=frame, enqueued_at=time.monotonic(),
-                     adapter=adapter, options=options)
+        spec_defaults = session.spec.defaults
+        rank = rank_of(frame.priority or (spec_defaults.priority if spec_defaults else None))
+        now = time.monotonic()
+        deadline_ms = frame.deadline_ms
+        if deadline_ms is None and rank == BACKGROUND:
+            deadline_ms = self.daemon.config.background_deadline_ms
+        job = SayJob(request_id=frame.id, conn=self, frame=frame, enqueued_at=now, adapter=adapter,
+                     options=options, rank=rank,
+                     deadline_at=now + deadline_ms / 1000 if deadline_ms is not None else None)
         self.pending[frame.id] = job
         return [Submit(job)]
 
@@ -434,6 +549,16 @@ class ConnectionCore:
         if defaults and defaults.action and defaults.action not in spec.action_names:
             raise DaemonError(ErrorCode.BAD_FRAME, f"default action {defaults.action!r} is not in actions",
                               request_id)
+        if spec.refusal_action and spec.refusal_action not in spec.action_names:
+            raise DaemonError(ErrorCode.BAD_FRAME, f"refusal_action {spec.refusal_action!r} is not in actions",
+                              request_id)
+
+
+def token_cap(config: DaemonConfig, rank: int, max_tokens: int) -> int:
+    """``max_tokens`` under the daemon's per-priority cap (``background_max_tokens``, ``normal_max_tokens``):
+    a game asks background NPCs for short barks, and a misconfigured one still cannot make them long."""
+    cap = {BACKGROUND: config.background_max_tokens, NORMAL: config.normal_max_tokens}.get(rank)
+    return min(max_tokens, cap) if cap else max_tokens
 
 
 def error_frame(code: ErrorCode, message: str, request_id: str | None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +43,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+#: What ``atomic_write_bytes`` names its temporary files: ``.<name>.<mkstemp's 8 characters>.tmp``.
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temp_files(root: Path) -> int:
+    """Delete the temporary files a killed process left under ``root`` (a kill -9 between mkstemp and the rename);
+    returns how many. Run at start-up, before anything writes there: a live writer's file would match too."""
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for path in root.rglob("*.tmp"):
+        if _TEMP_NAME.match(path.name) and path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    if removed:
+        log.info("removed %d temporary file(s) an interrupted write left under %s", removed, root)
+    return removed
 
 
 def move_aside(path: Path, why: object) -> Path | None:

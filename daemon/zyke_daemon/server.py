@@ -3,7 +3,7 @@
 Everything that decides anything lives in core.py. This module moves bytes: it feeds messages to a
 ConnectionCore, sends the frames it returns through one ordered outbox per connection, and runs
 generation jobs one at a time on a single model thread (a llama.cpp context is not thread-safe),
-taking jobs from a FairQueue so clients are served in turn.
+taking jobs from a PriorityQueue: foreground first, clients in turn within a priority.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from zyke.paths import runtime_path
 from zyke.prompt_format import END_OF_REPLY
 from zyke.protocol import AdapterInfo, Adapters, ErrorCode, ReplyDelta, dump_frame
@@ -32,10 +33,10 @@ from . import __version__
 from .adapters import AdapterRegistry
 from .backends.base import ANY_ADAPTER, Backend, BatchItem
 from .config import DaemonConfig
-from .core import AdapterOp, CancelJob, ConnectionCore, DaemonCore, SayJob, Send, Submit, error_frame
+from .core import AdapterOp, CancelJob, Close, ConnectionCore, DaemonCore, SayJob, Send, Submit, error_frame
 from .errors import DaemonError, ModelLoadError
 from .metrics import Metrics
-from .scheduler import FairQueue
+from .scheduler import BACKGROUND, FOREGROUND, PRIORITIES, PriorityQueue
 from .sessions import SessionStore
 
 log = logging.getLogger(__name__)
@@ -45,26 +46,83 @@ log = logging.getLogger(__name__)
 _WS_MAX_SIZE = 4 * 1024 * 1024
 
 
-class _Peer:
-    """One connection: its core and an outbox drained by a single writer task, which keeps order."""
+#: How long a connection closed by a cap gets to take its close frame before the socket is dropped (a client
+#: that does not read never takes it).
+_CLOSE_GRACE_S = 2.0
 
-    def __init__(self, ws: ServerConnection, core: ConnectionCore, metrics: Metrics) -> None:
+
+class _Peer:
+    """One connection: its core and an outbox drained by a single writer task, which keeps order.
+
+    The outbox is bounded in bytes (``max_send_queue_bytes``): a client that never reads once grew the daemon by
+    39 MiB per 45 MiB it sent. Past a quarter of the bound the connection's frames are not read until the client
+    has read its answers (``drained``), so a client that pipelines requests is slowed, not closed; past the bound
+    (replies still arriving for a client that reads nothing) the connection is closed (1008)."""
+
+    def __init__(self, ws: ServerConnection, core: ConnectionCore, metrics: Metrics,
+                 max_queued_bytes: int = 4 * 1024 * 1024) -> None:
         self.ws = ws
         self.core = core
-        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.queued_bytes = 0
+        self.closing: asyncio.Task[None] | None = None
+        self._max_queued_bytes = max_queued_bytes
         self._metrics = metrics
+        self._drained = asyncio.Event()  # set while queued_bytes is below the low-water mark
+        self._drained.set()
 
     def send(self, frame: dict[str, Any]) -> None:
+        if self.closing is not None:
+            return
         if frame.get("type") == "error":
             self._metrics.errors.labels(frame["code"]).inc()
-        self.outbox.put_nowait(frame)
+        data = json.dumps(frame, ensure_ascii=False).encode("utf-8")
+        if self.queued_bytes + len(data) > self._max_queued_bytes:
+            log.warning("connection %s: over %d bytes of answers unread; closing it", self.core.conn_id,
+                        self._max_queued_bytes)
+            self.close(1008, "max_send_queue_bytes: answers are not being read", "max_send_queue_bytes")
+            return
+        self.queued_bytes += len(data)
+        if self.queued_bytes > self._max_queued_bytes // 4:
+            self._drained.clear()
+        self.outbox.put_nowait(data)
+
+    async def drained(self) -> None:
+        """Wait until the client has read most of its answers (or the connection is closing): the handler stops
+        reading this client's frames meanwhile, so TCP pushes back on it instead of the outbox growing."""
+        await self._drained.wait()
+
+    def close(self, code: int, reason: str, cap: str) -> None:
+        """Close the connection because a documented cap was reached (counted in /metrics by ``cap``)."""
+        if self.closing is not None:
+            return
+        self._metrics.closed_by_cap.labels(cap).inc()
+        self._drained.set()
+        self.closing = asyncio.create_task(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        await asyncio.sleep(0)  # let the writer take what is already queued (the error frame saying why)
+        try:
+            async with asyncio.timeout(_CLOSE_GRACE_S):
+                while not self.outbox.empty() and self.ws.state is State.OPEN:
+                    await asyncio.sleep(0.01)
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            self.ws.transport.abort()
 
     async def writer(self) -> None:
-        while (frame := await self.outbox.get()) is not None:
-            try:
-                await self.ws.send(json.dumps(frame, ensure_ascii=False))
-            except ConnectionClosed:
-                return
+        try:
+            while (data := await self.outbox.get()) is not None:
+                try:
+                    await self.ws.send(data, text=True)
+                except ConnectionClosed:
+                    return
+                finally:
+                    self.queued_bytes -= len(data)
+                    if self.queued_bytes <= self._max_queued_bytes // 8:
+                        self._drained.set()
+        finally:
+            self._drained.set()  # nothing more will be sent: never leave the handler waiting
 
 
 class DaemonServer:
@@ -83,9 +141,10 @@ class DaemonServer:
         self.load_error: BaseException | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.metrics = Metrics()
-        self.queue: FairQueue[SayJob] = FairQueue()
+        self.queue: PriorityQueue[SayJob] = PriorityQueue(config.starve_after)
         self._work = asyncio.Event()
         self._peers: dict[int, _Peer] = {}
+        self._open = 0  # WebSocket connections being handled, those waiting for the model included
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zyke-model")
         self._server: Server | None = None
         self._dispatcher: asyncio.Task[None] | None = None
@@ -115,6 +174,10 @@ class DaemonServer:
             path.write_text(json.dumps({"host": self.config.host, "port": self.port, "pid": os.getpid(),
                                         "version": __version__}))
         log.info("zyke-daemon %s listening on ws://%s:%s", __version__, self.config.host, self.port)
+        if not is_loopback_host(self.config.host):
+            log.warning("listening on %s, not a loopback address: other machines on the network can reach this "
+                        "daemon (the token guards NPCs, /health and /metrics need none). Use --host 127.0.0.1 "
+                        "unless that is what you want.", self.config.host)
 
     async def _load_model(self) -> None:
         loop = asyncio.get_running_loop()
@@ -124,6 +187,11 @@ class DaemonServer:
             self.load_error = exc
             self.ready.set_exception(exc)
             return
+        if hasattr(self.backend, "run_batch"):  # how its batch treats priorities (docs/SCHEDULING.md)
+            backend: Any = self.backend
+            backend.foreground_solo_tokens = self.config.foreground_solo_tokens
+            backend.starve_after = self.config.starve_after
+            backend.background_tokens_per_s = self.config.background_tokens_per_s
         self.core = DaemonCore(self.config, self.sessions, self.token, self.backend.model, self.backend.name,
                                adapters=self._adapters, default_adapter=self._default_adapter())
         self.ready.set_result(None)
@@ -202,50 +270,101 @@ class DaemonServer:
             return _response(status, json.dumps(health).encode(), "application/json")
         if path == "/metrics":
             self.metrics.queue_depth.set(len(self.queue))
+            for name, depth in zip(PRIORITIES, self.queue.depths(), strict=True):
+                self.metrics.queue_depth_by_priority.labels(name).set(depth)
             return _response(HTTPStatus.OK, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         return _response(HTTPStatus.NOT_FOUND, b"not found: try /health, /metrics or a WebSocket\n", "text/plain")
 
     # -- WebSocket connections
 
     async def _handle(self, ws: ServerConnection) -> None:
+        self._open += 1
+        try:
+            if self._open > self.config.max_connections:
+                await self._refuse(ws)
+                return
+            await self._serve_connection(ws)
+        finally:
+            self._open -= 1
+
+    async def _refuse(self, ws: ServerConnection) -> None:
+        """Past ``max_connections``: say why in a typed error frame, then close with 1013 (try again later)."""
+        limit = self.config.max_connections
+        self.metrics.errors.labels(ErrorCode.TOO_MANY_CONNECTIONS.value).inc()
+        self.metrics.closed_by_cap.labels("max_connections").inc()
+        frame = error_frame(ErrorCode.TOO_MANY_CONNECTIONS,
+                            f"the daemon already serves {limit} connections (max_connections); close one or retry",
+                            None)
+        try:
+            async with asyncio.timeout(_CLOSE_GRACE_S):
+                await ws.send(json.dumps(frame))
+                await ws.close(1013, "max_connections reached")
+        except (TimeoutError, ConnectionClosed):
+            ws.transport.abort()
+
+    def _hello_expired(self, peer: _Peer) -> None:
+        if not peer.core.authenticated:
+            peer.send(error_frame(ErrorCode.NOT_AUTHENTICATED,
+                                  f"no hello with the daemon's token within {self.config.hello_timeout_s:g} s "
+                                  "(hello_timeout_s); closing", None))
+            peer.close(1008, "hello_timeout: no hello in time", "hello_timeout")
+
+    async def _serve_connection(self, ws: ServerConnection) -> None:
         try:
             await self.ready
         except BaseException:
             await ws.close(1011, "model failed to load")
             return
         assert self.core is not None
-        peer = _Peer(ws, self.core.connect(), self.metrics)
+        peer = _Peer(ws, self.core.connect(), self.metrics, self.config.max_send_queue_bytes)
         self._peers[peer.core.conn_id] = peer
         self.metrics.connections.inc()
         writer = asyncio.create_task(peer.writer())
+        # counted from the model being ready, when the connection's frames start being read
+        hello_timer = asyncio.get_running_loop().call_later(self.config.hello_timeout_s, self._hello_expired, peer)
         try:
             async for message in ws:
                 for action in peer.core.receive(message):
                     self._apply(peer, action)
+                await peer.drained()  # a client that does not read its answers is not read either
         except ConnectionClosed:
             pass
         finally:
+            hello_timer.cancel()
             self.metrics.connections.dec()
             for job in peer.core.close():
+                if job.timer is not None:
+                    job.timer.cancel()
                 self.queue.remove(peer.core.conn_id, job.request_id)
             self.queue.drain(peer.core.conn_id)
             del self._peers[peer.core.conn_id]
             peer.outbox.put_nowait(None)
             await writer
 
-    def _apply(self, peer: _Peer, action: Send | Submit | CancelJob) -> None:
+    def _apply(self, peer: _Peer, action: Send | Submit | CancelJob | AdapterOp | Close) -> None:
         match action:
+            case Close(code, reason, cap):
+                peer.close(code, reason, cap)
             case Send(frame):
                 if frame.get("type") != "error":
                     self.metrics.requests.labels(frame["type"]).inc()
                 peer.send(frame)
             case Submit(job):
                 self.metrics.requests.labels("npc.say").inc()
-                self.queue.push(peer.core.conn_id, job.request_id, job)
+                # the deadline runs from now: time in the queue counts (issue 14: a say queued behind a huge
+                # one waited minutes with no timeout)
+                job.timer = asyncio.get_running_loop().call_later(
+                    self.config.request_timeout_s, self._expire, peer, job)
+                job.queued_rank = self.queue.push(peer.core.conn_id, job.request_id, job, job.rank, group=job.npc_id)
+                if job.deadline_at is not None:  # dropped when still queued then (docs/SCHEDULING.md)
+                    asyncio.get_running_loop().call_later(max(job.deadline_at - time.monotonic(), 0),
+                                                          self._deadline, peer, job)
                 self.metrics.queue_depth.set(len(self.queue))
                 self._work.set()
             case CancelJob(job):
                 if self.queue.remove(peer.core.conn_id, job.request_id) is not None:
+                    if job.timer is not None:
+                        job.timer.cancel()
                     peer.core.job_done(job)
                     peer.send(error_frame(ErrorCode.CANCELLED, "the request was cancelled", job.request_id))
             case AdapterOp():
@@ -253,6 +372,46 @@ class DaemonServer:
                 task = asyncio.create_task(self._adapter_op(peer, action))
                 self._tasks.add(task)  # keep a reference until done, or the loop may drop it
                 task.add_done_callback(self._tasks.discard)
+
+    def _expire(self, peer: _Peer, job: SayJob) -> None:
+        """``request_timeout_s`` after a say was queued: a job still waiting is answered ``timeout`` here; a
+        running one is cancelled (the backend checks between prompt chunks and tokens) and answered by its run."""
+        job.timed_out = True
+        job.cancel.set()
+        if self.queue.remove(peer.core.conn_id, job.request_id) is job:
+            self.metrics.queue_depth.set(len(self.queue))
+            peer.core.job_done(job)
+            peer.send(error_frame(ErrorCode.TIMEOUT, f"no reply within {self.config.request_timeout_s:g} s "
+                                  "(still queued behind other requests)", job.request_id))
+
+    def _deadline(self, peer: _Peer, job: SayJob) -> None:
+        """A say's ``deadline_ms`` is up: if it is still queued (not started, not answered, its id not reused
+        by a newer say), drop it with the typed ``expired`` error instead of answering it late."""
+        if peer.core.pending.get(job.request_id) is not job or job.started_at is not None:
+            return
+        if self.queue.remove(peer.core.conn_id, job.request_id) is job:
+            self.metrics.queue_depth.set(len(self.queue))
+            self._drop_expired(peer, job)
+
+    def _drop_expired(self, peer: _Peer, job: SayJob) -> None:
+        if job.timer is not None:
+            job.timer.cancel()
+        peer.core.job_done(job)
+        self.metrics.expired.labels(PRIORITIES[job.rank]).inc()
+        waited_ms = (time.monotonic() - job.enqueued_at) * 1000
+        peer.send(error_frame(ErrorCode.EXPIRED, f"dropped unanswered: it waited {waited_ms:.0f} ms in the queue, "
+                              f"past its deadline ({PRIORITIES[job.rank]} priority)", job.request_id))
+
+    def _popped(self, peer: _Peer | None, job: SayJob, rank: int) -> bool:
+        """Bookkeeping for a job taken off the queue; whether it should run (False: gone, cancelled, expired)."""
+        job.queued_rank = rank
+        if peer is None or job.cancel.is_set():
+            return False
+        if job.deadline_at is not None and time.monotonic() >= job.deadline_at:
+            self._drop_expired(peer, job)  # its timer has not fired yet
+            return False
+        self.metrics.queue_wait.labels(PRIORITIES[job.rank]).observe(time.monotonic() - job.enqueued_at)
+        return True
 
     async def _adapter_op(self, peer: _Peer, op: AdapterOp) -> None:
         def run() -> None:
@@ -272,15 +431,17 @@ class DaemonServer:
 
     async def _dispatch(self) -> None:
         while True:
-            job = self.queue.pop()
-            if job is None:
+            popped = self.queue.pop_ranked()
+            if popped is None:
                 self._work.clear()
                 await self._work.wait()
                 continue
+            job, rank = popped
             self.metrics.queue_depth.set(len(self.queue))
             peer = self._peers.get(job.conn.conn_id)
-            if peer is None or job.cancel.is_set():
+            if not self._popped(peer, job, rank):
                 continue
+            assert peer is not None
             if hasattr(self.backend, "run_batch"):
                 follow_ups = await self._run_batch(peer, job)
             else:
@@ -335,11 +496,12 @@ class DaemonServer:
                 if active.pop(key, None) is not None:
                     follow_ups.append(run.finish(outcome))
 
-            return BatchItem(run.prepare, run.on_text, lambda outcome: loop.call_soon_threadsafe(finish, outcome))
+            return BatchItem(run.prepare, run.on_text, lambda outcome: loop.call_soon_threadsafe(finish, outcome),
+                             priority=job.queued_rank if job.queued_rank is not None else job.rank)
 
         first = [item(peer, job)]
 
-        async def more(n: int, adapter: object) -> list[BatchItem]:
+        async def more(n: int, adapter: object, max_rank: int = BACKGROUND) -> list[BatchItem]:
             wanted = [adapter]  # ANY_ADAPTER until the first request taken here sets it
 
             def fits(job: SayJob) -> bool:
@@ -349,9 +511,11 @@ class DaemonServer:
                         and (job.conn.conn_id, job.npc_id) not in active)
 
             out: list[BatchItem] = []
-            while len(out) < n and (job := self.queue.pop(fits)) is not None:
+            while len(out) < n and (popped := self.queue.pop_ranked(fits, max_rank)) is not None:
+                job, rank = popped
                 joiner = self._peers.get(job.conn.conn_id)
-                if joiner is not None and not job.cancel.is_set():
+                if self._popped(joiner, job, rank):
+                    assert joiner is not None
                     wanted[0] = job.adapter
                     out.append(item(joiner, job))
             self.metrics.queue_depth.set(len(self.queue))
@@ -364,9 +528,16 @@ class DaemonServer:
                 return []
             return asyncio.run_coroutine_threadsafe(more(n, adapter), loop).result()
 
+        def preempt(n: int, adapter: object) -> list[BatchItem]:  # on the model thread, before every step
+            if not self.queue.waiting(FOREGROUND):
+                return []
+            return asyncio.run_coroutine_threadsafe(more(n, adapter, FOREGROUND), loop).result()
+
         backend = self.backend
+        preempted = getattr(backend, "preemptions", 0)
         try:
-            await loop.run_in_executor(self._executor, backend.run_batch, take)  # type: ignore[union-attr]
+            await loop.run_in_executor(
+                self._executor, lambda: backend.run_batch(take, preempt=preempt))  # type: ignore[union-attr]
         except Exception as exc:  # a bug in the batch loop itself
             log.exception("batch failed")
             await asyncio.sleep(0)
@@ -375,6 +546,7 @@ class DaemonServer:
                 follow_ups.append(finish_run.finish(exc))
         await asyncio.sleep(0)  # let the last replies' finish callbacks run
         self.metrics.batch_size.observe(widest)
+        self.metrics.preemptions.inc(getattr(backend, "preemptions", 0) - preempted)
         return follow_ups
 
 
@@ -385,15 +557,9 @@ class _JobRun:
         self.server, self.peer, self.job = server, peer, job
         self.loop = asyncio.get_running_loop()
         job.started_at = time.monotonic()
-        self.timed_out = False
-        self.timer = self.loop.call_later(server.config.request_timeout_s, self._on_timeout)
         self.index = 0
         self.assembler: Any = None
         self.prompt = ""
-
-    def _on_timeout(self) -> None:
-        self.timed_out = True
-        self.job.cancel.set()
 
     def prepare(self) -> Any:
         """The generation request (model thread: it may load the job's adapter)."""
@@ -421,7 +587,8 @@ class _JobRun:
         to prefill while idle (this prompt and its reply), if anything. Loop thread."""
         job, peer, core, metrics = self.job, self.peer, self.server.core, self.server.metrics
         assert core is not None
-        self.timer.cancel()
+        if job.timer is not None:
+            job.timer.cancel()
         try:
             if isinstance(outcome, DaemonError):
                 raise outcome
@@ -429,7 +596,7 @@ class _JobRun:
                 log.error("job %s failed", job.request_id, exc_info=outcome)
                 peer.send(error_frame(ErrorCode.INTERNAL, "internal error; see the daemon log", job.request_id))
                 return None
-            if self.timed_out:
+            if job.timed_out and outcome.finish_reason == "cancelled":  # a reply done just in time is served
                 raise DaemonError(ErrorCode.TIMEOUT,
                                   f"no reply within {self.server.config.request_timeout_s:g} s", job.request_id)
             frame = core.finish(job, outcome, self.assembler)
@@ -441,6 +608,7 @@ class _JobRun:
         metrics.tokens.inc(outcome.completion_tokens)
         metrics.ttft.observe(outcome.ttft_s)
         metrics.latency.observe(time.monotonic() - job.enqueued_at)
+        metrics.count_safety(job.safety)
         peer.send(frame)
         if outcome.finish_reason != "stop":
             return None  # a cut-off reply is not what the history will hold
@@ -448,6 +616,17 @@ class _JobRun:
 
 
 _WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding ``host`` keeps the daemon on this machine: ``localhost`` or a loopback address."""
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def host_allowed(header: str, config: DaemonConfig) -> bool:

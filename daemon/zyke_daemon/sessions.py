@@ -9,6 +9,7 @@ parse is moved aside (``files.move_aside``) so the NPC can be defined again.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,16 @@ from .errors import DaemonError
 from .files import atomic_write_text, move_aside
 
 log = logging.getLogger(__name__)
+
+#: Room a ``npc.state.set`` frame needs around its ``state``: ``{"v": 1, "type": "npc.state.set", "id": ...,
+#: "state": ...}`` with the longest id (64 characters, 12 bytes each when escaped as a surrogate pair).
+STATE_FRAME_ENVELOPE_BYTES = 1024
+
+
+def json_size(value: object) -> int:
+    """Bytes of ``value`` as the most verbose common encoder writes it: Python's ``json.dumps`` defaults (``", "``
+    and ``": "`` separators, every non-ASCII character escaped). Compact or raw-UTF-8 JSON is never larger."""
+    return len(json.dumps(value, ensure_ascii=True))
 
 
 @dataclass
@@ -40,9 +51,12 @@ class SessionStore:
     """All NPC sessions of one daemon, keyed by (game, npc id)."""
 
     def __init__(self, root: Path | None, default_max_history: int = 12,
-                 on_corrupt: Callable[[Path], None] | None = None) -> None:
+                 on_corrupt: Callable[[Path], None] | None = None, max_frame_bytes: int | None = None) -> None:
         self.root = root.expanduser().resolve() if root is not None else None
         self.default_max_history = default_max_history
+        #: the protocol's frame cap: a session's state is kept small enough to travel back in one npc.state.set
+        #: (the DaemonCore sets it from its config when left None)
+        self.max_frame_bytes = max_frame_bytes
         #: told about each session file that does not parse (the server counts them in /metrics)
         self.on_corrupt = on_corrupt
         self._sessions: dict[tuple[str, str], NpcSession] = {}
@@ -68,6 +82,7 @@ class SessionStore:
             session.spec = spec
             session.max_history = max_history
             del session.history[: max(0, len(session.history) - max_history)]
+            self._fit(session)
         self.save(game, session)
         return session
 
@@ -75,6 +90,7 @@ class SessionStore:
         max_history = state.npc.max_history if state.npc.max_history is not None else self.default_max_history
         session = NpcSession(spec=state.npc, history=list(state.history[-max_history:] if max_history else []),
                              max_history=max_history)
+        self._fit(session)
         self._sessions[(game, state.npc.id)] = session
         self.save(game, session)
         return session
@@ -90,7 +106,29 @@ class SessionStore:
         session = self.get(game, npc_id)
         if session is not None:
             session.append(turn)
+            self._fit(session)
             self.save(game, session)
+
+    def _fit(self, session: NpcSession) -> None:
+        """Drop the oldest turns until the session's state fits one ``npc.state.set`` frame, so every save a game
+        gets from ``npc.state.get`` can be restored (issue 14: 200 turns weighed 93 KB against a 64 KiB cap).
+
+        The prompt already drops the oldest turns to fit the context, so what goes is what the model sees least;
+        a single turn too large to fit (a 4,000-character line with 16 KiB of state) is dropped too."""
+        if self.max_frame_bytes is None or not session.history:
+            return
+        budget = self.max_frame_bytes - STATE_FRAME_ENVELOPE_BYTES
+        size = json_size(NpcState(npc=session.spec, history=[]).model_dump(mode="json", exclude_none=True))
+        turns = [json_size(t.model_dump(mode="json", exclude_none=True)) + 2 for t in session.history]  # + ", "
+        total = size + sum(turns)
+        drop = 0
+        while drop < len(turns) and total > budget:
+            total -= turns[drop]
+            drop += 1
+        if drop:
+            log.debug("NPC %s: dropped the %d oldest turns so its state fits a %d-byte frame", session.spec.id, drop,
+                      self.max_frame_bytes)
+            del session.history[:drop]
 
     # --- persistence ---------------------------------------------------------------------------
 
@@ -124,7 +162,9 @@ class SessionStore:
             self._corrupt(path, exc)
             return None
         max_history = state.npc.max_history if state.npc.max_history is not None else self.default_max_history
-        return NpcSession(spec=state.npc, history=list(state.history), max_history=max_history)
+        session = NpcSession(spec=state.npc, history=list(state.history), max_history=max_history)
+        self._fit(session)  # a file an older daemon saved may hold more than a frame carries
+        return session
 
     def _corrupt(self, path: Path, why: BaseException) -> None:
         """Move a session file that does not load aside (logged once), so defining the NPC again starts afresh

@@ -17,11 +17,17 @@ Embedded model (Gemma 3 270M Q4_K_M), llama.cpp, 2 threads. Figures (tools/bench
                 4b: the same ratio for raw llama.cpp decoding 4 sequences in one batch (the ceiling
                 batching could reach on this machine)
 5. bound        raw decode tokens/s / (measured copy bandwidth / weight bytes read per token)
-6. adapter      decode tokens/s under the NPC schema with the shipped default adapter (npc-default) /
-                the same without any adapter, same backend, alternating rounds
+6. adapter      decode steps/s with the shipped default adapter (npc-default) / without any adapter: the
+                same reply tokens evaluated one at a time after the same prompt, alternating rounds
+7. priority     a foreground NPC's time to its first streamed piece with 4 background NPCs streaming / on
+                an idle daemon (client-side, alternating rounds); 7b: 4 NPCs at once / one after another,
+                on the same daemon
+8. safety       decode tokens/s under the NPC schema with the safety rails on (audience minor) / off, same
+                backend, alternating rounds (and TTFT on / off)
 
     python tools/bench/run.py --only adapter     # one figure (names: constrained, multi_turn, raw_batching,
-                                                 # daemon, bound, adapter); the JSON then holds just those
+                                                 # daemon, bound, adapter, priority, safety); the JSON holds
+                                                 # just those: pass --json results/<name>.json
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +142,11 @@ def constrained_vs_raw(path: Path, sha: str, rounds: int, tokens: int) -> dict[s
 
 
 def adapter_cost(path: Path, sha: str, rounds: int, tokens: int) -> dict[str, Any]:
-    """What the shipped default adapter costs: the same constrained request with and without it, in one
-    backend, alternating, each from a cold slot (LoRA adds a low-rank matmul to every adapted projection)."""
+    """What the shipped default adapter costs per decode step: the SAME tokens evaluated one at a time after
+    the same prompt, with and without the adapter, alternating rounds (LoRA adds a low-rank matmul to every
+    adapted projection). End-to-end replies are reported too, but they are not the figure: with the adapter
+    the model writes other (often shorter) lines, and the grammar's forced tokens then make a different share
+    of the reply, which moves tokens/s either way without saying anything about the adapter's compute."""
     from zyke_daemon.adapters import SHIPPED_ADAPTERS, AdapterRegistry
     from zyke_daemon.config import DEFAULT_ADAPTER_NAME
 
@@ -144,18 +154,83 @@ def adapter_cost(path: Path, sha: str, rounds: int, tokens: int) -> dict[str, An
     try:
         gguf = AdapterRegistry([SHIPPED_ADAPTERS]).resolve(DEFAULT_ADAPTER_NAME, backend.fingerprint, "gguf")
         backend.load_adapter(DEFAULT_ADAPTER_NAME, gguf)
-        backend.generate(request(NPCS[1], 4), lambda _: True)  # compile the grammar
-        with_adapter, bare = [], []
+        req = request(NPCS[1], tokens)
+        req.adapter, req.no_repeat_ngram = DEFAULT_ADAPTER_NAME, 0
+        reply = backend.generate(req, lambda _: True).tokens  # the sequence both sides evaluate
+        prompt = backend.tokenize(req.prompt)
+        stepped: dict[str | None, list[float]] = {DEFAULT_ADAPTER_NAME: [], None: []}
+        replies: dict[str | None, list[float]] = {DEFAULT_ADAPTER_NAME: [], None: []}
         for i in range(rounds):
-            for adapter, out in ((DEFAULT_ADAPTER_NAME, with_adapter), (None, bare)):
+            for adapter in stepped:
                 backend.reset()
-                req = request(NPCS[1], tokens, line=f"{LINE} ({i})")
-                req.adapter, req.no_repeat_ngram = adapter, 0
-                out.append(decode_rate(backend.generate(req, lambda _: True)))
+                backend._apply(adapter)
+                slot = backend._slots[0]
+                backend._eval(slot, prompt)
+                t0 = time.perf_counter()
+                for token in reply:
+                    backend._eval(slot, [token])
+                stepped[adapter].append(len(reply) / (time.perf_counter() - t0))
+                backend.reset()
+                whole = request(NPCS[1], tokens, line=f"{LINE} ({i})")
+                whole.adapter, whole.no_repeat_ngram = adapter, 0
+                replies[adapter].append(decode_rate(backend.generate(whole, lambda _: True)))
     finally:
         backend.close()
-    return {"adapter_tok_s": med(with_adapter), "base_tok_s": med(bare), "ratio": med(with_adapter) / med(bare),
-            "adapter": DEFAULT_ADAPTER_NAME, "target": ">= 0.90"}
+    with_adapter, bare = med(stepped[DEFAULT_ADAPTER_NAME]), med(stepped[None])
+    return {"adapter_tok_s": with_adapter, "base_tok_s": bare, "ratio": with_adapter / bare,
+            "steps_per_round": len(reply), "adapter": DEFAULT_ADAPTER_NAME, "target": ">= 0.90",
+            "end_to_end_adapter_tok_s": med(replies[DEFAULT_ADAPTER_NAME]),
+            "end_to_end_base_tok_s": med(replies[None]),
+            "end_to_end_note": "different lines on each side: not comparable work, see adapter_cost's docstring"}
+
+
+def safety_cost(path: Path, sha: str, rounds: int, tokens: int) -> dict[str, Any]:
+    """What the safety rail costs while decoding (docs/SAFETY.md): the same constrained request with the minor
+    audience's matcher and without, in one backend, alternating, each from a cold slot. The rail judges each
+    picked token of the say line (the line so far re-read with the token), so its cost grows with the line.
+
+    On a shared machine the two sides' tok/s swing more than the rail costs, so the rail's own time is also
+    measured inside the same runs (every ``SayContentGuard.judge`` call timed) and reported as its share of
+    the rails-on decode time: ``1 - share`` is the ratio the rail alone accounts for."""
+    from zyke_daemon.backends.decoding import SayContentGuard
+    from zyke_daemon.safety import Rails
+
+    matcher = Rails().matcher()
+    judge = SayContentGuard.judge
+    spent = [0.0, 0]
+
+    def timed(self: SayContentGuard, after: str) -> tuple[str | None, bool]:
+        t0 = time.perf_counter()
+        try:
+            return judge(self, after)
+        finally:
+            spent[0] += time.perf_counter() - t0
+            spent[1] += 1
+
+    backend = LlamaCppBackend(path, sha256=sha, n_ctx=2048, n_threads=THREADS)
+    SayContentGuard.judge = timed  # type: ignore[method-assign]
+    try:
+        backend.generate(request(NPCS[1], 4), lambda _: True)  # compile the grammar
+        on_tok_s, off_tok_s, on_ttft, off_ttft, blocked, on_decode_s = [], [], [], [], 0, 0.0
+        for i in range(rounds):
+            for safety, rates, ttfts in ((matcher, on_tok_s, on_ttft), (None, off_tok_s, off_ttft)):
+                backend.reset()
+                req = request(NPCS[1], tokens, line=f"{LINE} ({i})")
+                req.safety = safety
+                r = backend.generate(req, lambda _: True)
+                rates.append(decode_rate(r))
+                ttfts.append(r.ttft_s * 1000)
+                blocked += sum(r.safety_blocks.values())
+                if safety is not None:
+                    on_decode_s += r.total_s
+    finally:
+        SayContentGuard.judge = judge  # type: ignore[method-assign]
+        backend.close()
+    share = spent[0] / max(on_decode_s, 1e-9)
+    return {"rails_on_tok_s": med(on_tok_s), "rails_off_tok_s": med(off_tok_s), "ratio": med(on_tok_s) / med(off_tok_s),
+            "rail_us_per_judged_token": spent[0] / max(spent[1], 1) * 1e6, "rail_share_of_decode": share,
+            "ratio_accounted": 1 - share, "ttft_on_ms": med(on_ttft), "ttft_off_ms": med(off_ttft),
+            "tokens_set_aside": blocked, "target": ">= 0.90"}
 
 
 def multi_turn(backend: LlamaCppBackend, rounds: int) -> dict[str, Any]:
@@ -242,6 +317,94 @@ def daemon_figures(llm: llama_cpp.Llama, rounds: int, tokens: int) -> dict[str, 
                     ttfts = [r.timings.ttft_ms for r in results]
                 out["concurrency"] = {"one_npc_tok_s": med(one), "four_npcs_tok_s": med(four),
                                       "ratio": med(four) / med(one), "ttft_ms_four": ttfts, "target": ">= 1.5"}
+        finally:
+            daemon.stop()
+    return out
+
+
+def priority_figures(rounds: int, tokens: int) -> dict[str, Any]:
+    """Foreground time to first streamed piece, client-side (queue, prefill and first tokens included), with 4
+    background NPCs streaming vs on an idle daemon, alternating rounds; and, on the same daemon, 4 NPCs at once
+    vs one after another (figure 4's measure, repeated here so the ratios come from one run)."""
+    fg_spec = NpcSpec(id="tam", name="Tam", persona="An old ferryman who has seen every storm on the river.",
+                      actions=["none", "ferry", "refuse"], emotions=["calm", "wary"])
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as home:
+        daemon = DaemonProcess(Path(home)).start()
+        try:
+            with Client(daemon.url, daemon.token, game="bench-priority") as client:
+                bg = [client.define(spec) for spec in NPCS]
+                fg = client.define(fg_spec)
+                for n in [*bg, fg]:  # warm-up: page the model in, compile the grammars
+                    n.say(LINE, max_tokens=4)
+                    n.reset()
+
+                def first_piece_s(i: int) -> tuple[float, Any]:
+                    fg.reset()
+                    start = time.perf_counter()
+                    with fg.stream(f"Can you take me across? ({i})", max_tokens=tokens, priority="foreground",
+                                   timeout=600) as stream:
+                        first = None
+                        for _ in stream:
+                            first = first or time.perf_counter() - start
+                        return first or time.perf_counter() - start, stream.response
+
+                def chatter(n: Any, line: str, started: threading.Event, results: list[Any]) -> None:
+                    n.reset()
+                    with n.stream(line, max_tokens=tokens, priority="background", timeout=600) as stream:
+                        for _ in stream:
+                            started.set()
+                        results.append(stream.response)
+
+                idle, loaded, waits, paused = [], [], [], []
+                for i in range(rounds):
+                    time.sleep(1.0)  # the idle-time prefill of the last turns is done
+                    idle.append(first_piece_s(i)[0])
+                    results: list[Any] = []
+                    started = [threading.Event() for _ in bg]
+                    threads = [threading.Thread(target=chatter, args=(n, f"{LINE} <{i}>", e, results))
+                               for n, e in zip(bg, started, strict=True)]
+                    for t in threads:
+                        t.start()
+                    for e in started:  # all four are streaming
+                        e.wait(600)
+                    seconds, reply = first_piece_s(i + rounds)
+                    loaded.append(seconds)
+                    waits.append(reply.timings.queue_ms)
+                    for t in threads:
+                        t.join()
+                    paused.append(sum(r.usage.completion_tokens for r in results))
+                out["priority"] = {
+                    "fg_first_piece_idle_ms": med(idle) * 1000, "fg_first_piece_4_background_ms": med(loaded) * 1000,
+                    "ratio": med(loaded) / med(idle), "fg_queue_ms_4_background": waits,
+                    "background_tokens_per_round": paused, "target": "<= 1.3"}
+
+                def talk(n: Any, line: str, results: list[Any]) -> None:
+                    n.reset()
+                    results.append(n.say(line, max_tokens=tokens, timeout=600))
+
+                one, four = [], []
+                for i in range(rounds):
+                    results = []
+                    start = time.perf_counter()
+                    for n in bg:
+                        talk(n, f"{LINE} [{i}]", results)
+                    one.append(sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - start))
+                    results = []
+                    threads = [threading.Thread(target=talk, args=(n, f"{LINE} <<{i}>>", results)) for n in bg]
+                    start = time.perf_counter()
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                    four.append(sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - start))
+                out["concurrency_priority_run"] = {"one_npc_tok_s": med(one), "four_npcs_tok_s": med(four),
+                                                   "ratio": med(four) / med(one), "target": ">= 1.5"}
+                with urllib.request.urlopen(f"{daemon.http}/metrics", timeout=10) as resp:
+                    metrics = resp.read().decode()
+                out["priority"]["preemptions"] = sum(
+                    float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                    if line.startswith("zyke_preemptions_total"))
         finally:
             daemon.stop()
     return out
@@ -374,8 +537,12 @@ def main() -> None:
             llm.close()
     if "bound" in only:
         result["bound"] = bound(path, result["constrained"]["raw_unconstrained_tok_s"])
+    if "priority" in only:
+        result |= priority_figures(args.rounds, args.tokens)
     if "adapter" in only:
         result["adapter"] = adapter_cost(path, sha, args.rounds, args.tokens)
+    if "safety" in only:
+        result["safety"] = safety_cost(path, sha, args.rounds, args.tokens)
     result["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
@@ -383,7 +550,7 @@ def main() -> None:
     print(f"\nwritten to {args.json}")
 
 
-FIGURES = ("constrained", "multi_turn", "raw_batching", "daemon", "bound", "adapter")
+FIGURES = ("constrained", "multi_turn", "raw_batching", "daemon", "bound", "adapter", "priority", "safety")
 
 
 def table(r: dict[str, Any]) -> str:
@@ -419,8 +586,18 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
         lambda f: f"{f['four_seq_tok_s']:.1f} / {f['one_seq_tok_s']:.1f} tok/s", lambda f: f["ratio"], "(report)")
     add("bound", "5 raw decode tok/s / memory-bandwidth bound",
         lambda f: f"{f['decode_tok_s']:.1f} / {f['bound_tok_s']:.1f} tok/s", lambda f: f["fraction"], "(report)")
-    add("adapter", "6 decode tok/s under the NPC schema: shipped default adapter / no adapter",
+    add("adapter", "6 decode steps/s, same tokens: shipped default adapter / no adapter",
         lambda f: f"{f['adapter_tok_s']:.1f} / {f['base_tok_s']:.1f} tok/s", lambda f: f["ratio"], ">= 0.90")
+    add("priority", "7 foreground time to first streamed piece (client-side): 4 background NPCs streaming / idle",
+        lambda f: f"{f['fg_first_piece_4_background_ms']:.0f} / {f['fg_first_piece_idle_ms']:.0f} ms",
+        lambda f: f["ratio"], "<= 1.3")
+    add("concurrency_priority_run", "7b aggregate tok/s: 4 NPCs at once / one after another (same run as 7)",
+        lambda f: f"{f['four_npcs_tok_s']:.1f} / {f['one_npc_tok_s']:.1f} tok/s", lambda f: f["ratio"], ">= 1.5")
+    add("safety", "8 decode tok/s under the NPC schema: safety rails on (minor) / off; TTFT on / off",
+        lambda f: f"{f['rails_on_tok_s']:.1f} / {f['rails_off_tok_s']:.1f} tok/s; TTFT {f['ttft_on_ms']:.0f} / "
+                  f"{f['ttft_off_ms']:.0f} ms; the rail itself {f['rail_us_per_judged_token']:.0f} us/token, "
+                  f"{100 * f['rail_share_of_decode']:.2f}% of decode time",
+        lambda f: f["ratio"], ">= 0.90")
     return rows
 
 

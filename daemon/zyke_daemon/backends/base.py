@@ -6,9 +6,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from zyke.protocol import ModelInfo
+
+if TYPE_CHECKING:
+    from ..safety import Matcher
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -37,6 +40,8 @@ class GenerationRequest:
     history_says: list[str] = field(default_factory=list)
     adapter: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    #: the safety rail's blocked terms for this NPC (None: safe mode off); see decoding.SayContentGuard
+    safety: Matcher | None = None
 
 
 @dataclass
@@ -49,6 +54,8 @@ class GenerationResult:
     ttft_s: float = 0.0
     total_s: float = 0.0
     tokens: list[int] = field(default_factory=list)
+    #: tokens the safety rail set aside while decoding, by category (empty: it never intervened)
+    safety_blocks: dict[str, int] = field(default_factory=dict)
 
 
 #: Called with each decoded piece of text; returns False to stop generating (a stop string was hit).
@@ -66,6 +73,9 @@ class BatchItem:
     prepare: Callable[[], GenerationRequest]
     on_text: OnText
     done: Callable[[GenerationResult | BaseException], None]
+    #: the scheduler rank (0 foreground, 1 normal, 2 background): a foreground reply may pause a running
+    #: lower-priority one, and lower-priority replies wait while a foreground reply decodes its first tokens
+    priority: int = 1
 
 
 class Backend(Protocol):

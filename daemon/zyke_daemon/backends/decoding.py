@@ -26,6 +26,8 @@ import numpy as np
 from llguidance import LLMatcher, LLTokenizer
 from zyke.prompt_format import ITEM_SEPARATOR, KEY_SEPARATOR
 
+from ..reply_stream import _string_body
+from ..safety import Matcher
 from .base import FinishReason, GenerationRequest, GenerationResult, OnText
 
 
@@ -195,6 +197,49 @@ class SayScanner:
                 self.inside, self.done = False, True
 
 
+#: Candidates the safety rail moves past at one step before it ends the line where it stands instead.
+CONTENT_GUARD_TRIES = 64
+
+
+class SayContentGuard:
+    """The safety rail while decoding (``zyke_daemon.safety``): no token may put a blocked term in the say line.
+
+    Like ``SayWordGuard`` it judges only the picked token: the line so far plus the token's text,
+    JSON-unescaped, is checked by the request's ``Matcher`` with its last word judged as unfinished, so
+    an offending word is rejected the moment it appears (the token is set aside and the next best allowed
+    one taken), never after it was streamed. A word that is only clean as the start of an allowlisted
+    word ("ass" before "assassin"), or a masked word still open ("f*"), is *held*: accepted, but streamed
+    only once a later token shows what it became. Judging chosen tokens only keeps it identical alone,
+    batched and cached, and on both backends.
+    """
+
+    def __init__(self, matcher: Matcher) -> None:
+        self.matcher = matcher
+        self.blocks: dict[str, int] = {}
+
+    def judge(self, after_raw: str) -> tuple[str | None, bool]:
+        """``(category, hold)`` for the say string's raw JSON text so far ending with the candidate token:
+        the category it trips (None: clean), and whether its text must wait before being streamed."""
+        text, closed = say_text(after_raw)
+        hit = self.matcher.check(text, final=closed)
+        if hit is not None:
+            return hit, False
+        return None, not closed and self.matcher.may_hold(text) and self.matcher.check(text, final=True) is not None
+
+    def count(self, category: str) -> None:
+        self.blocks[category] = self.blocks.get(category, 0) + 1
+
+
+def say_text(raw: str) -> tuple[str, bool]:
+    """The say string's text from its raw JSON body (an escape not yet complete is left out), and whether
+    the closing quote is in ``raw``."""
+    body, closed = _string_body(raw)
+    try:
+        return json.loads(f'"{body}"'), closed
+    except json.JSONDecodeError:
+        return body, closed
+
+
 class SequenceDecoder:
     """One reply, one step at a time: the state of the decode loop without the loop, so that a backend
     can advance several replies in one model call (``LlamaCppBackend.run_batch``).
@@ -224,6 +269,9 @@ class SequenceDecoder:
             self._ban = SayNgramBan(request.no_repeat_ngram,
                                     [say_token_ids(tokenizer, say) for say in request.history_says])
             self._guard = SayWordGuard(NO_REPEAT_WORDS, request.history_says)
+        self._content = SayContentGuard(request.safety) if request.safety is not None else None
+        self._hold = False  # the token being emitted must wait (see SayContentGuard)
+        self._held: list[str] = []
         self.generated: list[int] = []
         self._text: list[str] = []
         self._ttft = 0.0
@@ -253,8 +301,12 @@ class SequenceDecoder:
         if self.request.repeat_penalty != 1.0 and self.generated:
             logits = penalize_repeats(logits, self.generated, self.request.repeat_penalty)
         token = pick(logits, self._bitmask, self._n_vocab, self.request, self._rng)
-        if self._guard is not None and self._say.inside:
-            token = self._guarded(token, logits)
+        if (self._guard is not None or self._content is not None) and self._say.inside:
+            guarded = self._guarded(token, logits)
+            if guarded is None:  # the rail found no clean token: the line ends here, as max_tokens would end it
+                self._stop_if(True, "length")
+                return None
+            token = guarded
         if not self.generated:
             self._ttft = time.perf_counter() - self._started
         if self._stop_if(token in self._eos, "stop"):
@@ -278,24 +330,48 @@ class SequenceDecoder:
         return GenerationResult(text="".join(self._text), finish_reason=self._finish,
                                 prompt_tokens=self._prompt_tokens, completion_tokens=len(self.generated),
                                 cached_tokens=self._cached_tokens, ttft_s=self._ttft,
-                                total_s=time.perf_counter() - self._started, tokens=list(self.generated))
+                                total_s=time.perf_counter() - self._started, tokens=list(self.generated),
+                                safety_blocks=dict(self._content.blocks) if self._content is not None else {})
 
-    def _guarded(self, token: int, logits: np.ndarray) -> int:
-        """``token``, or the next best allowed one when it would finish a repeated run of words."""
-        assert self._guard is not None
+    def _guarded(self, token: int, logits: np.ndarray) -> int | None:
+        """``token``, or the next best allowed one when it would put a blocked term in the line (the safety
+        rail: never let stand; None when no clean token is found) or finish a repeated run of words (the
+        no-repeat rule: the best one stands after ``WORD_GUARD_TRIES``)."""
         before = "".join(self._text)[len(SAY_OPENING):]
         mask: np.ndarray | None = None
-        for _ in range(WORD_GUARD_TRIES):
+        ranked: list[int] | None = None  # greedy: the allowed tokens best first, ranked once at the first miss
+        tries = CONTENT_GUARD_TRIES if self._content is not None else WORD_GUARD_TRIES
+        self._hold = False
+        for attempt in range(tries):
             after = before + self._token_bytes(token).decode("utf-8", errors="ignore")
-            if not self._guard.repeats(before, after):
-                return token
+            hit, hold = self._content.judge(after) if self._content is not None else (None, False)
+            if hit is None:
+                if self._guard is None or attempt >= WORD_GUARD_TRIES or not self._guard.repeats(before, after):
+                    self._hold = hold
+                    return token
+            else:
+                assert self._content is not None
+                self._content.count(hit)
+            if self.request.temperature <= 0:
+                # what re-picking under a mask without the set-aside tokens would give, without unpacking the
+                # 262,144-entry mask once per miss: the next one down the ranking (ties: lowest id, as argmax)
+                if ranked is None:
+                    candidates = allowed_tokens(self._bitmask, self._n_vocab)
+                    ranked = [int(t) for t in candidates[np.argsort(-logits[candidates], kind="stable")[:tries + 1]]]
+                    ranked.reverse()  # popped from the end, best first
+                while ranked and ranked[-1] == token:
+                    ranked.pop()
+                if not ranked:
+                    return token if hit is None else None
+                token = ranked.pop()
+                continue
             if mask is None:
                 mask = self._bitmask.copy()
             mask.view(np.uint32)[token >> 5] &= ~np.uint32(1 << (token & 31))
             if not mask.any():
-                return token
+                return token if hit is None else None
             token = pick(logits, mask, self._n_vocab, self.request, self._rng)
-        return token
+        return None if self._content is not None else token
 
     def _stop_if(self, condition: bool, reason: FinishReason) -> bool:
         if condition:
@@ -312,6 +388,13 @@ class SequenceDecoder:
         self._text.append(piece)
         if not self._say.done:
             self._say.feed(piece)
+        if self._hold:  # not streamed yet: a later token shows what the word became (SayContentGuard)
+            self._hold = False
+            self._held.append(piece)
+            return True
+        if self._held:
+            piece = "".join(self._held) + piece
+            self._held.clear()
         return self._on_text(piece) if piece else True
 
 

@@ -82,6 +82,9 @@ class _Running:
     feed: list[int]
     row: int = -1  # its logits' row in the batched llama_decode of the last step
     logits: np.ndarray | None = None  # or its own logits, when its tokens were evaluated alone
+    pauses: int = 0  # times it gave its seat to a foreground reply (at most once)
+    waited: int = 0  # foreground replies admitted while it was paused (it resumes first after starve_after)
+    held: int = 0  # steps it sat out while a foreground reply decoded its first tokens
 
 
 class LlamaCppBackend:
@@ -89,7 +92,7 @@ class LlamaCppBackend:
     adapter_kind = "gguf"
 
     def __init__(self, model_path: Path, sha256: str | None = None, n_ctx: int = 4096,
-                 n_threads: int | None = None, max_loaded_adapters: int = 8, n_slots: int = 5) -> None:
+                 n_threads: int | None = None, max_loaded_adapters: int = 8, n_slots: int = 6) -> None:
         threads = n_threads or min(4, os.cpu_count() or 1)
         mparams = llama_cpp.llama_model_default_params()
         mparams.use_extra_bufts = False  # no weight repacking: see the module docstring
@@ -111,6 +114,10 @@ class LlamaCppBackend:
         if not self._ctx:
             raise ModelLoadError(f"llama.cpp could not create a context for {model_path}")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
+        if b"LLAMAFILE = 1" in llama_cpp.llama_print_system_info():
+            log.info("llama.cpp was built with llamafile matmuls: under a LoRA adapter a batched reply can differ "
+                     "from the same reply alone by rounding (install llama-cpp-python with "
+                     "CMAKE_ARGS=-DGGML_LLAMAFILE=OFF for exact batching, as tools/test.sh does)")
         self._batch = llama_cpp.llama_batch_init(512, 0, 1)
         self._n_ctx = n_ctx
         self._slots = [_Slot(i) for i in range(n_slots)]
@@ -133,6 +140,13 @@ class LlamaCppBackend:
         #: the decode loop's two speed-ups (decoding.decode); tests turn them off to compare
         self.overlap = True
         self.fast_forward = True
+        #: priorities in ``run_batch`` (the daemon sets them from its config; docs/SCHEDULING.md)
+        self.foreground_solo_tokens = 8
+        self.starve_after = 4
+        self.background_tokens_per_s: float | None = None
+        self.preemptions = 0  # replies paused for a foreground one, ever (the daemon's /metrics)
+        self._budget = 0.0
+        self._budget_at = time.perf_counter()
         #: llama_decode runs here while the decode loop computes the next grammar mask
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llama-decode")
 
@@ -158,7 +172,10 @@ class LlamaCppBackend:
 
     def generate(self, request: GenerationRequest, on_text: OnText) -> GenerationResult:
         started = time.perf_counter()
-        slot, n_prompt, cached = self._start(request)
+        try:
+            slot, n_prompt, cached = self._start(request)
+        except _PrefillStopped as stopped:
+            return stopped.result(started)
         try:
             return decode(request, self.tokenizer, self._n_vocab, self._eos, self._logits,
                           lambda tokens: self._eval(slot, tokens), self._token_bytes, on_text,
@@ -168,7 +185,8 @@ class LlamaCppBackend:
             self._clear(slot)  # a half-evaluated slot is worth nothing
             raise
 
-    def run_batch(self, take: Callable[[int, object], list[BatchItem]], max_batch: int = 4) -> None:
+    def run_batch(self, take: Callable[[int, object], list[BatchItem]], max_batch: int = 4,
+                  preempt: Callable[[int, object], list[BatchItem]] | None = None) -> None:
         """Decode several replies in lockstep until none is left: one ``llama_decode`` per step carries
         the next token of every running reply, each in its own slot.
 
@@ -183,30 +201,108 @@ class LlamaCppBackend:
         row of one token gives the same numbers alone or beside other sequences (repacking is off).
         So a batched reply is, bit for bit, the reply ``generate`` gives alone. One reply failing ends
         only that reply.
+
+        Priorities (``BatchItem.priority``, docs/SCHEDULING.md): ``preempt(n, adapter)`` hands over queued
+        foreground replies, asked before every step even when the batch is full; one then takes the seat
+        of a running lower-priority reply, which is *paused*: it keeps its slot (its KV) and its decoder
+        and simply sits out the steps until a seat is free again. Sitting out steps changes none of its
+        numbers (the row argument above), so a paused reply still ends as its solo run does. A reply is
+        paused at most once, a paused one resumes ahead of the queue after ``starve_after`` foreground
+        admissions, and the context keeps its spare stream, so at most ``n_slots - 1 - max_batch``
+        replies are paused at a time. Lower-priority replies also sit out the steps while a foreground
+        reply decodes its first ``foreground_solo_tokens`` (at most that many steps in all, each), and
+        background replies the steps over the ``background_tokens_per_s`` budget.
         """
         # Always a KV stream to spare: a batch that occupied every stream of the context changed a reply
         # (measured: 4 replies in a 4-stream context, one differed from its solo run; with 5, none).
         max_batch = min(max_batch, len(self._slots) - 1)
         running: list[_Running] = []
+        paused: list[_Running] = []
         while True:
-            for r in running:  # the logits of the last step
-                self._advance(r, r.logits if r.logits is not None else self._logits(r.row))
+            for r in running:  # the logits of the last step, for the replies it evaluated
+                if r.row >= 0 or r.logits is not None:
+                    self._advance(r, r.logits if r.logits is not None else self._logits(r.row))
             running = [r for r in running if r.feed]
-            if len(running) < max_batch:
-                adapter = running[0].decoder.request.adapter if running else ANY_ADAPTER
-                for item in take(max_batch - len(running), adapter):
-                    r = self._admit(item, running)
-                    if r is not None:
-                        running.append(r)
+            for r in [r for r in paused if r.decoder.check_cancel()]:  # cancelled (or timed out) while paused
+                paused.remove(r)
+                r.item.done(r.decoder.result())
+            self._seat(running, paused, take, preempt, max_batch)
             if not running:
                 return
+            stepping = self._stepping(running)
+            if not stepping:  # only background replies, over their budget: wait for it to refill
+                time.sleep(min(0.05, 1.0 / max(self.background_tokens_per_s or 1.0, 1.0)))
+                continue
             try:
-                self._step(running)
+                self._step(stepping)
             except Exception as exc:  # the model call failed: every reply in it fails
-                for r in running:
+                for r in running + paused:
                     self._clear(r.slot)
                     r.item.done(exc)
                 return
+
+    def _seat(self, running: list[_Running], paused: list[_Running], take: Callable[[int, object], list[BatchItem]],
+              preempt: Callable[[int, object], list[BatchItem]] | None, max_batch: int) -> None:
+        """Fill the batch for the next step: starved paused replies, then queued foreground replies (pausing a
+        lower-priority reply when no seat is free), then the other paused replies, then anything queued."""
+        def adapter() -> object:
+            busy = running or paused
+            return busy[0].decoder.request.adapter if busy else ANY_ADAPTER
+
+        def admit(item: BatchItem) -> None:
+            r = self._admit(item, running + paused)
+            if r is not None:
+                running.append(r)
+
+        for r in [r for r in paused if r.waited >= self.starve_after > 0]:
+            if len(running) < max_batch:
+                paused.remove(r)
+                running.append(r)
+        if preempt is not None:
+            victims = sorted((r for r in running if r.item.priority > 0 and not r.pauses),
+                             key=lambda r: -r.item.priority)
+            # every newcomer takes a new stream (a paused reply keeps its own), and one stays spare
+            seats = min(max_batch - len(running) + len(victims), len(self._slots) - 1 - len(running) - len(paused))
+            for item in preempt(seats, adapter()) if seats > 0 else []:
+                if len(running) >= max_batch:
+                    victim = victims.pop(0)
+                    running.remove(victim)
+                    victim.pauses += 1
+                    paused.append(victim)
+                    self.preemptions += 1
+                for r in paused:
+                    r.waited += 1
+                admit(item)
+        while paused and len(running) < max_batch:
+            running.append(paused.pop(0))
+        seats = min(max_batch - len(running), len(self._slots) - 1 - len(running) - len(paused))
+        if seats > 0:
+            for item in take(seats, adapter()):
+                admit(item)
+
+    def _stepping(self, running: list[_Running]) -> list[_Running]:
+        """The replies the next step evaluates: all of them, except lower-priority ones while a foreground reply
+        decodes its first ``foreground_solo_tokens`` (each sits out at most that many steps in all, however many
+        foreground replies start), and background ones over the ``background_tokens_per_s`` budget. Sitting out
+        changes no number."""
+        solo = self.foreground_solo_tokens
+        head = solo > 0 and any(r.item.priority == 0 and len(r.decoder.generated) < solo for r in running)
+        out = []
+        now = time.perf_counter()
+        rate = self.background_tokens_per_s
+        if rate:
+            self._budget = min(rate, self._budget + (now - self._budget_at) * rate)
+        self._budget_at = now
+        for r in running:
+            if head and r.item.priority > 0 and r.held < solo:
+                r.held += 1
+                continue
+            if rate and r.item.priority >= 2:
+                if self._budget < 1:
+                    continue
+                self._budget -= len(r.feed)
+            out.append(r)
+        return out
 
     def _admit(self, item: BatchItem, running: list[_Running]) -> _Running | None:
         """Prepare, place and prefill a newcomer, and pick its first token."""
@@ -219,6 +315,9 @@ class LlamaCppBackend:
             slot, n_prompt, cached = self._start(request, busy={r.slot.seq_id for r in running})
             decoder = SequenceDecoder(request, self.tokenizer, self._n_vocab, self._eos, self._token_bytes,
                                       item.on_text, prompt_tokens=n_prompt, cached_tokens=cached, started=started)
+        except _PrefillStopped as stopped:
+            item.done(stopped.result(started))
+            return None
         except Exception as exc:
             item.done(exc)
             return None
@@ -386,10 +485,14 @@ class LlamaCppBackend:
             raise ValueError(f"prompt ({len(prompt)} tokens) plus max_tokens exceeds the context ({self._n_ctx})")
         slot, cached = self._take_slot(prompt, request.adapter, busy)
         try:
-            self._prefill(slot, prompt, cached)
+            # cancel (and the daemon's timeout, which sets it) is checked between chunks: a prompt of thousands of
+            # tokens no longer holds the model until it is all evaluated (issue 14: 195 s for one say)
+            reached = self._prefill(slot, prompt, cached, request.cancel.is_set)
         except BaseException:
             self._clear(slot)
             raise
+        if reached < len(prompt):  # the chunks evaluated so far stay in the slot, aligned and reusable
+            raise _PrefillStopped(len(prompt), cached)
         return slot, len(prompt), cached
 
     def _prefill(self, slot: _Slot, tokens: list[int], start: int, stop: Callable[[], bool] | None = None) -> int:
@@ -458,6 +561,19 @@ class LlamaCppBackend:
     def _token_bytes(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
         return bytes(self._piece[:n]) if n > 0 else b""
+
+
+class _PrefillStopped(Exception):
+    """The request was cancelled while its prompt was being evaluated: it ends as a cancelled result."""
+
+    def __init__(self, prompt_tokens: int, cached_tokens: int) -> None:
+        super().__init__("cancelled during prefill")
+        self.prompt_tokens, self.cached_tokens = prompt_tokens, cached_tokens
+
+    def result(self, started: float) -> GenerationResult:
+        return GenerationResult(text="", finish_reason="cancelled", prompt_tokens=self.prompt_tokens,
+                                completion_tokens=0, cached_tokens=self.cached_tokens,
+                                total_s=time.perf_counter() - started)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

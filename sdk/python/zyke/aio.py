@@ -71,7 +71,7 @@ from .protocol import (
     Welcome,
     dump_frame,
 )
-from .protocol.models import ClientInfo
+from .protocol.models import Audience, ClientInfo, Priority
 from .response import NpcResponse, OptionsLike, build_options
 
 log = logging.getLogger("zyke")
@@ -124,6 +124,9 @@ class _Conn:
     async def send(self, frame: Frame) -> None:
         if not self.alive:
             raise _NotSent
+        if isinstance(frame, NpcSay) and frame.safety_report is None and "safety" in self.welcome.capabilities:
+            # this SDK reads the reply's safety field, so it asks for it; an older daemon never sees the field
+            frame = frame.model_copy(update={"safety_report": True})
         try:
             await self.ws.send(json.dumps(dump_frame(frame), ensure_ascii=False))
         except ConnectionClosed:
@@ -214,7 +217,9 @@ class AsyncClient:
                   emotions: ChoicesLike = ("neutral",), *, name: str | None = None,
                   adapter: str | None = None, max_history: int | None = None,
                   default_emotion: str | None = None, default_action: str | None = None,
-                  options: OptionsLike = None) -> AsyncNpc:
+                  options: OptionsLike = None, priority: Priority | None = None,
+                  audience: Audience | None = None, refusal_action: str | None = None,
+                  blocked_words: Sequence[str] | None = None) -> AsyncNpc:
         """Define (or update) an NPC on the daemon and return a handle to talk to it.
 
         An NPC that already exists keeps its conversation history, so a game can define its NPCs on
@@ -224,14 +229,20 @@ class AsyncClient:
         labels it never saw in training (``ferry_across``) still get used when they fit. ``adapter`` is
         the NPC's default LoRA adapter and ``options`` its default generation options;
         ``default_emotion`` / ``default_action`` are what the daemon falls back to when the model is cut off.
+        ``priority`` (``"foreground"``, ``"normal"``, ``"background"``) is how soon the daemon serves this
+        NPC's lines when a call names none (docs/SCHEDULING.md; needs the daemon's ``priority`` capability).
+        ``audience`` (``"minor"``, ``"teen"``, ``"adult"``) narrows the daemon's safety audience for this NPC (it
+        can never loosen it), ``refusal_action`` is the declared action a deflected reply takes, and
+        ``blocked_words`` are extra words it never says (docs/SAFETY.md).
         """
         defaults = None
         opts = build_options(options)
-        if default_emotion is not None or default_action is not None or opts is not None:
-            defaults = NpcDefaults(emotion=default_emotion, action=default_action, options=opts)
+        if default_emotion is not None or default_action is not None or opts is not None or priority is not None:
+            defaults = NpcDefaults(emotion=default_emotion, action=default_action, options=opts, priority=priority)
         spec = NpcSpec(id=npc_id, name=name, persona=persona, actions=build_choices(actions, "actions"),
                        emotions=build_choices(emotions, "emotions"), defaults=defaults, adapter=adapter,
-                       max_history=max_history)
+                       max_history=max_history, audience=audience, refusal_action=refusal_action,
+                       blocked_words=list(blocked_words) if blocked_words is not None else None)
         return await self.define(spec)
 
     async def define(self, spec: NpcSpec) -> AsyncNpc:
@@ -628,20 +639,23 @@ class AsyncNpc:
         return f"AsyncNpc({self.id!r})"
 
     def _frame(self, text: str, state: Mapping[str, Any] | None, options: GenerationOptions | None,
-               adapter: str | None, stream: bool, allowed_actions: Sequence[str] | None) -> NpcSay:
+               adapter: str | None, stream: bool, allowed_actions: Sequence[str] | None,
+               priority: Priority | None = None, deadline_ms: int | None = None) -> NpcSay:
         if isinstance(allowed_actions, str):  # list("none") would become ["n", "o", "n", "e"]
             raise TypeError(f"allowed_actions must be a list of action names, not the string {allowed_actions!r}")
         return NpcSay(id=self._client._new_id("s"), npc=self.id, input=text,
                       state=dict(state) if state is not None else None, options=options,
                       stream=stream or None, adapter=adapter,
-                      allowed_actions=list(allowed_actions) if allowed_actions is not None else None)
+                      allowed_actions=list(allowed_actions) if allowed_actions is not None else None,
+                      priority=priority, deadline_ms=deadline_ms)
 
     async def say(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
                   adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                   seed: int | None = None, stop: Sequence[str] | None = None,
                   repeat_penalty: float | None = None, no_repeat_ngram: int | None = None,
-                  allowed_actions: Sequence[str] | None = None) -> NpcResponse:
+                  allowed_actions: Sequence[str] | None = None, priority: Priority | None = None,
+                  deadline_ms: int | None = None) -> NpcResponse:
         """Say a line to the NPC and wait for its whole reply.
 
         ``state`` is the game state the NPC should know about this turn (location, gold, quest flags).
@@ -650,31 +664,36 @@ class AsyncNpc:
         declared actions (``["none", "refuse"]`` while the shop is closed); a name the NPC did not
         declare raises ``UnknownAction`` (code ``unknown_action``) from the daemon. When ``timeout``
         expires the request is cancelled on the daemon and ``ZykeTimeout`` raised; cancelling the
-        awaiting task cancels it on the daemon too.
+        awaiting task cancels it on the daemon too. ``priority`` overrides the NPC's default for this line
+        (``"foreground"`` for the NPC the player talks to, ``"background"`` for chatter); ``deadline_ms`` drops
+        the line with ``Expired`` if it has not started within that many milliseconds (docs/SCHEDULING.md).
         """
         opts = build_options(options, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, seed=seed, stop=stop, repeat_penalty=repeat_penalty,
                              no_repeat_ngram=no_repeat_ngram)
-        return await self._client._say(self._frame(text, state, opts, adapter, False, allowed_actions), timeout)
+        return await self._client._say(
+            self._frame(text, state, opts, adapter, False, allowed_actions, priority, deadline_ms), timeout)
 
     def stream(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
                adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                seed: int | None = None, stop: Sequence[str] | None = None,
                repeat_penalty: float | None = None, no_repeat_ngram: int | None = None,
-               allowed_actions: Sequence[str] | None = None) -> AsyncReplyStream:
+               allowed_actions: Sequence[str] | None = None, priority: Priority | None = None,
+               deadline_ms: int | None = None) -> AsyncReplyStream:
         """Say a line and get the reply as it is generated: ``async for piece in npc.stream(...)``.
 
         Each item is the next piece of the spoken line (a ``str``); they concatenate to the final
         ``stream.response.say``. The request is sent on the first iteration. Leaving the loop early
         and closing the stream (``async with`` does it) cancels the request on the daemon.
-        ``allowed_actions`` narrows the line's actions as in ``say``.
+        ``allowed_actions``, ``priority`` and ``deadline_ms`` work as in ``say``.
         """
         opts = build_options(options, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, seed=seed, stop=stop, repeat_penalty=repeat_penalty,
                              no_repeat_ngram=no_repeat_ngram)
-        return AsyncReplyStream(self._client, self._frame(text, state, opts, adapter, True, allowed_actions),
-                                timeout)
+        return AsyncReplyStream(
+            self._client, self._frame(text, state, opts, adapter, True, allowed_actions, priority, deadline_ms),
+            timeout)
 
     async def save(self) -> dict[str, Any]:
         """The NPC's full state (definition and history) as a JSON-ready dict for a game's save file."""

@@ -32,7 +32,8 @@ from .aio import (
 )
 from .choices import ChoicesLike
 from .errors import ZykeError
-from .protocol import AdapterInfo, NpcSpec, NpcState, Welcome
+from .protocol import AdapterInfo, NpcSpec, NpcState, Priority, Welcome
+from .protocol.models import Audience
 from .response import NpcResponse, OptionsLike
 
 T = TypeVar("T")
@@ -116,18 +117,26 @@ class Client:
     def npc(self, npc_id: str, persona: str, actions: ChoicesLike = ("none",),
             emotions: ChoicesLike = ("neutral",), *, name: str | None = None, adapter: str | None = None,
             max_history: int | None = None, default_emotion: str | None = None,
-            default_action: str | None = None, options: OptionsLike = None) -> Npc:
+            default_action: str | None = None, options: OptionsLike = None,
+            priority: Priority | None = None, audience: Audience | None = None,
+            refusal_action: str | None = None, blocked_words: Sequence[str] | None = None) -> Npc:
         """Define (or update) an NPC and return a handle to talk to it.
 
         An NPC that already exists keeps its conversation history, so a game can define its NPCs on
         every start. Replies only ever use the given ``actions`` and ``emotions``: lists of names, lists
         mixing names and ``Choice``/``{"name", "description"}`` dicts, or dicts of name to description
         (``{"trade": "buy or sell goods"}``; the model reads the descriptions). ``adapter`` and
-        ``options`` are the NPC's defaults for every line (a call's own arguments win).
+        ``options`` are the NPC's defaults for every line (a call's own arguments win), and so is ``priority``
+        (``"foreground"``, ``"normal"`` or ``"background"``: how soon the daemon serves its lines).
+        ``audience`` narrows the daemon's safety audience for this NPC (``"minor"``, ``"teen"``, ``"adult"``;
+        never looser than the daemon's), ``refusal_action`` is the action a deflected reply takes and
+        ``blocked_words`` extra words it never says (docs/SAFETY.md).
         """
         anpc = self._call(self._async.npc(npc_id, persona, actions, emotions, name=name, adapter=adapter,
                                           max_history=max_history, default_emotion=default_emotion,
-                                          default_action=default_action, options=options))
+                                          default_action=default_action, options=options, priority=priority,
+                                          audience=audience, refusal_action=refusal_action,
+                                          blocked_words=blocked_words))
         return Npc(self, anpc)
 
     def define(self, spec: NpcSpec) -> Npc:
@@ -219,7 +228,8 @@ class Npc:
             temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
             seed: int | None = None, stop: Sequence[str] | None = None,
             repeat_penalty: float | None = None, no_repeat_ngram: int | None = None,
-            allowed_actions: Sequence[str] | None = None) -> NpcResponse:
+            allowed_actions: Sequence[str] | None = None, priority: Priority | None = None,
+            deadline_ms: int | None = None) -> NpcResponse:
         """Say a line and block until the whole reply is there.
 
         ``state`` is the game state the NPC should know this turn. Generation options come as keywords
@@ -227,18 +237,22 @@ class Npc:
         ``allowed_actions`` narrows this line to some of the NPC's declared actions; a name it did not
         declare raises ``UnknownAction`` (code ``unknown_action``, from the daemon).
         When ``timeout`` expires the request is cancelled on the daemon and ``ZykeTimeout`` raised.
+        ``priority`` overrides the NPC's default for this line; ``deadline_ms`` drops it with ``Expired`` if it
+        has not started within that many milliseconds (docs/SCHEDULING.md).
         """
         return self._client._call(self._async.say(
             text, state=state, options=options, adapter=adapter, timeout=timeout, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions))
+            repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions,
+            priority=priority, deadline_ms=deadline_ms))
 
     def submit(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
                adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                seed: int | None = None, stop: Sequence[str] | None = None, repeat_penalty: float | None = None,
                no_repeat_ngram: int | None = None,
-               allowed_actions: Sequence[str] | None = None) -> concurrent.futures.Future[NpcResponse]:
+               allowed_actions: Sequence[str] | None = None, priority: Priority | None = None,
+               deadline_ms: int | None = None) -> concurrent.futures.Future[NpcResponse]:
         """Like ``say`` but returns at once with a future, for a game loop that polls each frame.
 
         ``future.done()`` / ``future.result()`` as usual; ``future.cancel()`` cancels the line on the daemon.
@@ -246,14 +260,16 @@ class Npc:
         return self._client._submit(self._async.say(
             text, state=state, options=options, adapter=adapter, timeout=timeout, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions))
+            repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions,
+            priority=priority, deadline_ms=deadline_ms))
 
     def stream(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
                adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                seed: int | None = None, stop: Sequence[str] | None = None,
                repeat_penalty: float | None = None, no_repeat_ngram: int | None = None,
-               allowed_actions: Sequence[str] | None = None) -> ReplyStream:
+               allowed_actions: Sequence[str] | None = None, priority: Priority | None = None,
+               deadline_ms: int | None = None) -> ReplyStream:
         """Say a line and iterate over the reply's text as it is generated.
 
         The pieces concatenate to ``stream.response.say``; ``stream.response`` (emotion, action...) is
@@ -263,7 +279,8 @@ class Npc:
         astream = self._async.stream(
             text, state=state, options=options, adapter=adapter, timeout=timeout, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions)
+            repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions,
+            priority=priority, deadline_ms=deadline_ms)
         return ReplyStream(self._client, astream)
 
     def save(self) -> dict[str, Any]:

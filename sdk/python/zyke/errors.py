@@ -91,6 +91,11 @@ class QueueFull(ProtocolError):
     """Too many requests in flight on this connection (code ``queue_full``); wait for a reply."""
 
 
+class Expired(ProtocolError):
+    """The line waited in the daemon's queue past its deadline (``deadline_ms``, or the daemon's default for
+    background lines) and was dropped unanswered (code ``expired``): a late bark is worse than none."""
+
+
 class GenerationFailed(ProtocolError):
     """The model failed to produce a valid reply (codes ``generation_failed`` / ``model_error``)."""
 
@@ -105,6 +110,7 @@ _BY_CODE: dict[str, type[ProtocolError]] = {
     ErrorCode.UNKNOWN_ACTION: UnknownAction,
     ErrorCode.ADAPTER_REJECTED: AdapterRejected,
     ErrorCode.QUEUE_FULL: QueueFull,
+    ErrorCode.EXPIRED: Expired,
     ErrorCode.GENERATION_FAILED: GenerationFailed,
     ErrorCode.MODEL_ERROR: GenerationFailed,
 }

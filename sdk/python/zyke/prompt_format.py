@@ -51,7 +51,7 @@ def persona_block(npc: NpcSpec) -> str:
     action_lines = "".join(f"- {_describe(a)}\n" for a in npc.actions)
     return (
         f"This is a script from a role-playing game. {name} is a character the player meets.\n"
-        f"About {name}: {npc.persona.strip()}\n"
+        f"About {name}: {_one_line(npc.persona)}\n"
         f"{name} always answers the player with one JSON object: \"say\" is what {name} says aloud, "
         f"\"emotion\" is how {name} feels and \"action\" is what {name} does.\n"
         f"Emotions: {', '.join(_describe(e) for e in npc.emotions)}.\n"
@@ -84,14 +84,18 @@ def render_prompt(
     player_input: str,
     state: Mapping[str, Any] | None = None,
     allowed_actions: Sequence[str] | None = None,
+    note: str | None = None,
 ) -> str:
-    """The full model input for one npc.say: persona, history, game state, allowed actions, the player's line."""
+    """The full model input for one npc.say: persona, history, game state, allowed actions, the player's line.
+
+    ``note`` is a bracketed line from the daemon itself above the new turn (the safety rails' request to
+    deflect in character); it is not kept in the history, so later turns render as before."""
     name = npc.display_name
     parts = [persona_block(npc)]
     for turn in history:
         parts.append(_render_turn(name, turn.player, turn.state, turn.allowed_actions))
         parts.append(render_reply(turn.reply) + END_OF_REPLY)
-    parts.append(_render_turn(name, player_input, state, allowed_actions))
+    parts.append(_render_turn(name, player_input, state, allowed_actions, note))
     return "".join(parts)
 
 
@@ -103,9 +107,13 @@ def render_allowed(allowed_actions: Sequence[str] | None) -> str:
 
 
 def _render_turn(
-    name: str, player_input: str, state: Mapping[str, Any] | None, allowed_actions: Sequence[str] | None
+    name: str, player_input: str, state: Mapping[str, Any] | None, allowed_actions: Sequence[str] | None,
+    note: str | None = None,
 ) -> str:
-    return f"{render_state(state)}{render_allowed(allowed_actions)}Player: {_one_line(player_input)}\n{name}: "
+    head = f"{render_state(state)}{render_allowed(allowed_actions)}"
+    if note:
+        head += f"[{_one_line(note)}]\n"
+    return f"{head}Player: {_one_line(player_input)}\n{name}: "
 
 
 def render_example(
@@ -153,5 +161,6 @@ def reply_schema(
 
 
 def _one_line(text: str) -> str:
-    """Player text is kept on one line so it cannot forge a turn of the script ("\\nBrom: ...")."""
+    """Player text, personas and descriptions are kept on one line so they cannot forge a turn of the script
+    ("\\nPlayer: ...\\nBrom: {...}"); every run of whitespace, line breaks included, becomes one space."""
     return " ".join(text.split())

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .protocol import GenerationOptions, NpcReply, Reply, Timings, Usage
+from .protocol import GenerationOptions, NpcReply, Reply, Safety, Timings, Usage
 
 OptionsLike = GenerationOptions | Mapping[str, Any] | None
 
@@ -34,6 +34,8 @@ class NpcResponse(BaseModel):
     adapter: str | None = None
     usage: Usage
     timings: Timings
+    #: set when a safety rail intervened (the player's line was deflected, or words were kept out of the line)
+    safety: Safety | None = None
 
     @property
     def say(self) -> str:
@@ -66,7 +68,7 @@ class NpcResponse(BaseModel):
     @classmethod
     def from_frame(cls, frame: Reply) -> NpcResponse:
         return cls(npc=frame.npc, request_id=frame.id, reply=frame.reply, finish_reason=frame.finish_reason,
-                   adapter=frame.adapter, usage=frame.usage, timings=frame.timings)
+                   adapter=frame.adapter, usage=frame.usage, timings=frame.timings, safety=frame.safety)
 
 
 def build_options(options: OptionsLike = None, *, max_tokens: int | None = None,

@@ -31,6 +31,8 @@ def _not_only_dots(value: str) -> str:
 #: too, and the daemon's schema validator is made to (Python's ``re`` would let a trailing newline through).
 NpcId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$"), AfterValidator(_not_only_dots)]
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+#: ``NpcSpec.name``: anything but C0/C1 control characters and the Unicode line and paragraph separators
+NPC_NAME_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\u2028\u2029]+$"
 AdapterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
@@ -94,21 +96,42 @@ class GenerationOptions(_Model):
     stop: list[Annotated[str, StringConstraints(min_length=1, max_length=32)]] | None = Field(None, max_length=4)
 
 
+#: How soon the daemon serves a line (``Priority`` in schemas/common.json); docs/SCHEDULING.md.
+Priority = Literal["foreground", "normal", "background"]
+
+
 class NpcDefaults(_Model):
     emotion: Label | None = None
     action: Label | None = None
     options: GenerationOptions | None = None
+    #: the priority of this NPC's lines when npc.say gives none
+    priority: Priority | None = None
+
+
+#: Who the game is for, strictest first (``Audience`` in schemas/common.json); docs/SAFETY.md.
+Audience = Literal["minor", "teen", "adult"]
+#: What a safety rail blocked (``SafetyCategory``); ``jailbreak`` only on the player's line.
+SafetyCategory = Literal["profanity", "sexual", "hate", "self_harm", "drugs", "weapons_crime", "personal_data",
+                         "jailbreak", "custom"]
 
 
 class NpcSpec(_Model):
     id: NpcId
-    name: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    #: no control characters or line breaks: a name with a newline could forge a line of the prompt's script
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=NPC_NAME_PATTERN)] | None = None
     persona: Annotated[str, StringConstraints(min_length=1, max_length=4000)]
     actions: Choices = Field(min_length=1, max_length=64)
     emotions: Choices = Field(min_length=1, max_length=64)
     defaults: NpcDefaults | None = None
     adapter: AdapterName | None = None
     max_history: int | None = Field(None, ge=0, le=200)
+    #: who this NPC speaks to; only narrows the daemon's audience (the stricter applies), docs/SAFETY.md
+    audience: Audience | None = None
+    #: the declared action a deflected reply takes (default: ``refuse`` when declared, else ``none``)
+    refusal_action: Label | None = None
+    #: extra words or phrases this NPC never says, on top of its audience's lists (they only block more)
+    blocked_words: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=64)]],
+                             AfterValidator(_unique)] | None = Field(None, max_length=64)
 
     @property
     def display_name(self) -> str:
@@ -131,6 +154,23 @@ class NpcReply(_Model):
     action: Label
     target: Annotated[str, StringConstraints(max_length=64)] | None = None
     args: dict[str, Any] | None = None
+
+
+class SafetyBlock(_Model):
+    """One rail's intervention on a reply: ``input`` (the player's line was deflected) or ``decode`` (``count``
+    candidate tokens were kept out of the line)."""
+
+    stage: Literal["input", "decode"]
+    category: SafetyCategory
+    count: int | None = Field(None, ge=1)
+
+
+class Safety(_Model):
+    """On a reply when a safety rail intervened (absent otherwise); never carries the offending text."""
+
+    intervened: bool
+    audience: Audience
+    blocks: list[SafetyBlock]
 
 
 class Usage(_Model):
@@ -217,6 +257,12 @@ class NpcSay(Frame):
     stream: bool | None = None
     adapter: AdapterName | None = None
     allowed_actions: UniqueLabels | None = Field(None, min_length=1, max_length=64)
+    priority: Priority | None = None
+    #: drop the line (``expired``) if it has not started decoding this long after it arrived
+    deadline_ms: int | None = Field(None, ge=1, le=3600000)
+    #: put the ``safety`` field on the reply when a rail intervened (capability ``safety``; the opt-in keeps an
+    #: older client, whose strict models would refuse an unknown field, from ever seeing it)
+    safety_report: bool | None = None
 
 
 class Cancel(Frame):
@@ -300,6 +346,8 @@ class Reply(Frame):
     adapter: AdapterName | None = None
     usage: Usage
     timings: Timings
+    #: present when a safety rail intervened (docs/SAFETY.md)
+    safety: Safety | None = None
 
 
 class NpcStateFrame(Frame):
