@@ -219,7 +219,16 @@ def test_history_survives_a_restart(fresh_daemon: DaemonProcess) -> None:
     assert saved["history"] == [{"player": "I need a horseshoe.", "reply": final["reply"]}]
 
 
+def completed_replies(daemon: DaemonProcess) -> float:
+    """Replies the daemon finished and sent (the count of its npc.say latency histogram)."""
+    with urllib.request.urlopen(f"{daemon.http}/metrics") as resp:
+        lines = resp.read().decode().splitlines()
+    return next(float(ln.split()[-1]) for ln in lines if ln.startswith("zyke_request_latency_seconds_count"))
+
+
 def test_disconnect_cancels_queued_work(daemon: DaemonProcess) -> None:
+    before = completed_replies(daemon)
+
     async def main() -> None:
         quitter = await connect(daemon)
         await define(quitter, SMITH)
@@ -238,6 +247,9 @@ def test_disconnect_cancels_queued_work(daemon: DaemonProcess) -> None:
         await other.ws.close()
 
     asyncio.run(main())
+    # the other client's reply, and at most the quitter's first one if it finished before the close: the three
+    # still queued were dropped, not decoded for nobody (served, they would count here too)
+    assert 1 <= completed_replies(daemon) - before <= 2
 
 
 def test_health_metrics_and_origin_policy(daemon: DaemonProcess) -> None:
