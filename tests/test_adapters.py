@@ -208,3 +208,16 @@ def test_evaluate_checks_an_adapter_against_the_base_it_runs_on(tmp_path: Path) 
     assert (found / "adapter_model.safetensors").is_file()
     with pytest.raises(EvalError, match="on-other"):
         peft_dir_for("on-other", registry)  # the embedded base is not the one it was trained on
+
+
+def test_registering_a_new_version_replaces_the_old_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The shared trainer re-registers its adapter every round: the new files replace the old ones whole, and the
+    old version (moved aside before it is deleted, so the name never points at nothing) leaves no folder."""
+    path, sha = embedded_model_path()
+    registry = AdapterRegistry([tmp_path / "adapters"])
+    first = registry.register("shared", make_random_lora(tmp_path / "v1", path, seed=1), f"sha256:{sha}")
+    second = registry.register("shared", make_random_lora(tmp_path / "v2", path, seed=2), f"sha256:{sha}")
+    assert first.sha256 != second.sha256
+    resolved = registry.resolve("shared", f"sha256:{sha}", "gguf")
+    assert resolved.is_file() and resolved.parent == tmp_path / "adapters" / "shared"
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["manifest.json", "shared"]

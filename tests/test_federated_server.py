@@ -109,10 +109,14 @@ def test_rounds_by_count_weighting_staleness_and_registration(trainer_factory) -
         np.testing.assert_allclose(w2[k], w1[k] + ws[0] * deltas[2][k] + ws[1] * deltas[3][k], rtol=1e-5, atol=1e-7)
     code, verdict = t.submit(tasks[3], deltas[3], TOKENS[1])  # v0 task, now 2 behind: beyond MAX_STALENESS
     assert (code, verdict["reason"]) == (409, "stale")
+    for _ in range(600):  # version 2 is registered after it is served: wait for that, by the trainer's own word
+        if t.get("/status")[1]["registered_version"] == 2:
+            break
+        time.sleep(0.1)
+    assert t.get("/status")[1]["registered_version"] == 2
     manifest = json.loads((t.home / "data" / "adapters" / "manifest.json").read_text())
     assert "zyke-shared" in manifest["adapters"]  # registered for the daemon, GGUF twin included
     assert (t.home / "data" / "adapters" / "zyke-shared" / "adapter.gguf").is_file()
-    assert t.get("/status")[1]["registered_version"] == 2
 
 
 def test_round_timeout_with_min_updates(trainer_factory) -> None:  # type: ignore[no-untyped-def]

@@ -138,9 +138,14 @@ class AdapterRegistry:
             for f in PEFT_FILES:
                 shutil.copy2(peft_dir / f, staging / "peft" / f)
             export_peft_to_gguf(staging / "peft", staging / "adapter.gguf", arch=arch)
-            if dest.exists():
-                shutil.rmtree(dest)
+            # the old version moves aside by a rename and is deleted only after the new one is in place: a reader
+            # (a daemon resolving the name, a test) never finds the folder missing while a slow rmtree runs
+            old = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.old.")) / name if dest.exists() else None
+            if old is not None:
+                dest.rename(old)
             staging.rename(dest)
+            if old is not None:
+                shutil.rmtree(old.parent, ignore_errors=True)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
