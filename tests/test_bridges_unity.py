@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -235,56 +236,44 @@ def test_csharp_client_end_to_end(e2e_exe: Path, daemon: DaemonProcess) -> None:
         assert reply["emotion"] in {"neutral", "angry", "pleased"}
 
 
-def test_csharp_client_reconnects_after_daemon_restart(e2e_exe: Path, fresh_daemon: DaemonProcess) -> None:
-    proc = subprocess.Popen([MONO, "--debug", str(e2e_exe), "reconnect", fresh_daemon.url, fresh_daemon.token],
+def run_e2e_around(e2e_exe: Path, mode: str, daemon: DaemonProcess, ready: str,
+                   between: Callable[[], object]) -> str:
+    """Run the Mono program in ``mode`` until it prints ``ready``, call ``between`` (stop, start or restart the
+    daemon), let the program go on, and return all it printed; fails the test if it exits non-zero."""
+    proc = subprocess.Popen([MONO, "--debug", str(e2e_exe), mode, daemon.url, daemon.token],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith("READY_FOR_RESTART"):
+            if line.startswith(ready):
                 break
         else:
             pytest.fail("".join(lines))
-        fresh_daemon.restart()
+        between()
         proc.stdin.write("\n")
         proc.stdin.flush()
         rest, _ = proc.communicate(timeout=240)
         out = "".join(lines) + rest
         print(out)
         assert proc.returncode == 0, out
-        assert "reconnected" in out and "after restart: action" in out
+        return out
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_csharp_client_reconnects_after_daemon_restart(e2e_exe: Path, fresh_daemon: DaemonProcess) -> None:
+    out = run_e2e_around(e2e_exe, "reconnect", fresh_daemon, "READY_FOR_RESTART", fresh_daemon.restart)
+    assert "reconnected" in out and "after restart: action" in out
 
 
 def test_csharp_client_defines_before_the_daemon_is_up(e2e_exe: Path, fresh_daemon: DaemonProcess) -> None:
     """An NPC defined while the daemon is down is remembered and defined on connect: the first say after
     the daemon starts is answered (it used to fail with unknown_npc for good)."""
     fresh_daemon.stop()
-    proc = subprocess.Popen([MONO, "--debug", str(e2e_exe), "define-before-connect", fresh_daemon.url,
-                             fresh_daemon.token],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("READY_FOR_START"):
-                break
-        else:
-            pytest.fail("".join(lines))
-        fresh_daemon.start()
-        proc.stdin.write("\n")
-        proc.stdin.flush()
-        rest, _ = proc.communicate(timeout=240)
-        out = "".join(lines) + rest
-        print(out)
-        assert proc.returncode == 0, out
-        assert "define while the daemon is down: ZykeConnectionException" in out
-        assert "the definition is remembered for the connect" in out
-        assert "daemon down: state with NaN: ZykeArgumentException invalid_argument at once" in out
-        assert "no unknown_npc: action" in out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out = run_e2e_around(e2e_exe, "define-before-connect", fresh_daemon, "READY_FOR_START", fresh_daemon.start)
+    assert "define while the daemon is down: ZykeConnectionException" in out
+    assert "the definition is remembered for the connect" in out
+    assert "daemon down: state with NaN: ZykeArgumentException invalid_argument at once" in out
+    assert "no unknown_npc: action" in out

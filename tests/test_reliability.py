@@ -40,6 +40,7 @@ import websockets
 import websockets.sync.client as ws_sync
 from daemon_proc import DaemonProcess
 from hypothesis_jsonschema_compat import from_schema
+from test_core import frames, make_daemon, send
 from websockets.exceptions import ConnectionClosed
 from zyke.prompt_format import render_prompt, reply_schema
 from zyke.protocol import ErrorCode, ModelInfo, NpcSpec, Turn, load_schema
@@ -48,7 +49,7 @@ from zyke_daemon.adapters import AdapterRegistry
 from zyke_daemon.backends.base import BatchItem, GenerationRequest, GenerationResult
 from zyke_daemon.backends.llamacpp import PREFILL_CHUNK
 from zyke_daemon.config import DaemonConfig
-from zyke_daemon.core import Close, ConnectionCore, DaemonCore, Send, Submit
+from zyke_daemon.core import Close, DaemonCore, Submit
 from zyke_daemon.files import atomic_write_text, remove_stale_temp_files
 from zyke_daemon.metrics import Metrics
 from zyke_daemon.server import DaemonServer, _Peer, is_loopback_host
@@ -79,21 +80,9 @@ class Clock:
 
 def make_core(tmp_path: Path, **cfg: Any) -> tuple[DaemonCore, Clock]:
     clock = Clock()
-    daemon = DaemonCore(DaemonConfig(**cfg), SessionStore(tmp_path / "npcs"), TOKEN, ModelInfo(name="test.gguf"),
-                        "test")
+    daemon = make_daemon(tmp_path, **cfg)
     daemon.clock = clock
     return daemon, clock
-
-
-def send(conn: ConnectionCore, frame: Any) -> list[Any]:
-    return conn.receive(frame if isinstance(frame, str | bytes) else json.dumps(frame))
-
-
-def frames(actions: list[Any]) -> list[dict[str, Any]]:
-    out = [a.frame for a in actions if isinstance(a, Send)]
-    for f in out:
-        assert first_error("server", f) is None, f
-    return out
 
 
 def test_the_rate_limit_refuses_a_burst_past_its_allowance_with_a_typed_error(tmp_path: Path) -> None:

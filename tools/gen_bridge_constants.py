@@ -96,22 +96,18 @@ def render_godot(facts: dict[str, Any]) -> str:
         f"const NPC_ID_PATTERN := {_gd_str(facts['npc_id_pattern'])}",
         f"const LABEL_PATTERN := {_gd_str(facts['label_pattern'])}",
         f"const REQUEST_ID_MAX_LENGTH := {facts['request_id_max']}",
-        "",
-        "# Frame types a client sends.",
     ]
-    out += [f"const FRAME_{_upper(t)} := {_gd_str(t)}" for t in facts["client_frames"]]
-    out += ["", "# Frame types the daemon sends."]
-    out += [f"const FRAME_{_upper(t)} := {_gd_str(t)}" for t in facts["server_frames"]]
-    out += ["", "# Error codes of error frames."]
-    out += [f"const ERROR_{_upper(c)} := {_gd_str(c)}" for c in facts["error_codes"]]
-    out += ["", "# Why a reply ended."]
-    out += [f"const FINISH_{_upper(r)} := {_gd_str(r)}" for r in facts["finish_reasons"]]
-    out += ["", "# Priorities of npc.say (most urgent first)."]
-    out += [f"const PRIORITY_{_upper(p)} := {_gd_str(p)}" for p in facts["priorities"]]
-    out += ["", "# Audiences of the safety rails (strictest first; an NPC can only narrow the daemon's)."]
-    out += [f"const AUDIENCE_{_upper(a)} := {_gd_str(a)}" for a in facts["audiences"]]
-    out += ["", "# What a safety rail blocked (a reply's safety.blocks[].category)."]
-    out += [f"const SAFETY_{_upper(c)} := {_gd_str(c)}" for c in facts["safety_categories"]]
+    for comment, prefix, key in (
+        ("Frame types a client sends.", "FRAME", "client_frames"),
+        ("Frame types the daemon sends.", "FRAME", "server_frames"),
+        ("Error codes of error frames.", "ERROR", "error_codes"),
+        ("Why a reply ended.", "FINISH", "finish_reasons"),
+        ("Priorities of npc.say (most urgent first).", "PRIORITY", "priorities"),
+        ("Audiences of the safety rails (strictest first; an NPC can only narrow the daemon's).", "AUDIENCE",
+         "audiences"),
+        ("What a safety rail blocked (a reply's safety.blocks[].category).", "SAFETY", "safety_categories"),
+    ):
+        out += ["", f"# {comment}", *(f"const {prefix}_{_upper(v)} := {_gd_str(v)}" for v in facts[key])]
 
     def gd_list(name: str, values: list[str]) -> list[str]:
         return ["", f"const {name} := [", *(f"\t{_gd_str(v)}," for v in values), "]"]

@@ -141,6 +141,35 @@ def constrained_vs_raw(path: Path, sha: str, rounds: int, tokens: int) -> dict[s
             "target": ">= 0.85"}
 
 
+def one_after_another_vs_at_once(npcs: list[Any], rounds: int, tokens: int,
+                                 tag: str) -> tuple[list[float], list[float], list[Any]]:
+    """Aggregate tokens/s of the same requests to ``npcs`` (SDK handles), each sent when the previous reply is in,
+    then all at once from threads; per round. Also returns the last round's at-once replies. ``tag`` ("<{}>")
+    makes each round's at-once line new, so no reply is served from an earlier round's cache."""
+    def talk(n: Any, line: str, results: list[Any]) -> None:
+        n.reset()
+        results.append(n.say(line, max_tokens=tokens, timeout=600))
+
+    one: list[float] = []
+    four: list[float] = []
+    results: list[Any] = []
+    for i in range(rounds):
+        results = []
+        start = time.perf_counter()
+        for n in npcs:
+            talk(n, f"{LINE} [{i}]", results)
+        one.append(sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - start))
+        results = []
+        threads = [threading.Thread(target=talk, args=(n, f"{LINE} {tag.format(i)}", results)) for n in npcs]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        four.append(sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - start))
+    return one, four, results
+
+
 def adapter_cost(path: Path, sha: str, rounds: int, tokens: int) -> dict[str, Any]:
     """What the shipped default adapter costs per decode step: the SAME tokens evaluated one at a time after
     the same prompt, with and without the adapter, alternating rounds (LoRA adds a low-rank matmul to every
@@ -295,26 +324,8 @@ def daemon_figures(llm: llama_cpp.Llama, rounds: int, tokens: int) -> dict[str, 
                 out["overhead"] = {"sdk_daemon_ms": med(sdk) * 1000, "raw_llama_cpp_ms": med(raw) * 1000,
                                    "ratio": med(sdk) / med(raw), "tokens": n_tokens, "target": "<= 1.05"}
 
-                def talk(n: Any, line: str, results: list[Any]) -> None:
-                    n.reset()
-                    results.append(n.say(line, max_tokens=tokens, timeout=600))
-
-                one, four = [], []
-                for i in range(rounds):
-                    results: list[Any] = []
-                    start = time.perf_counter()
-                    for n in npcs:  # the same four requests, each sent when the previous reply is in
-                        talk(n, f"{LINE} [{i}]", results)
-                    one.append(sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - start))
-                    results = []
-                    threads = [threading.Thread(target=talk, args=(n, f"{LINE} <{i}>", results)) for n in npcs]
-                    start = time.perf_counter()
-                    for t in threads:
-                        t.start()
-                    for t in threads:
-                        t.join()
-                    four.append(sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - start))
-                    ttfts = [r.timings.ttft_ms for r in results]
+                one, four, last = one_after_another_vs_at_once(npcs, rounds, tokens, "<{}>")
+                ttfts = [r.timings.ttft_ms for r in last]
                 out["concurrency"] = {"one_npc_tok_s": med(one), "four_npcs_tok_s": med(four),
                                       "ratio": med(four) / med(one), "ttft_ms_four": ttfts, "target": ">= 1.5"}
         finally:
@@ -379,25 +390,7 @@ def priority_figures(rounds: int, tokens: int) -> dict[str, Any]:
                     "ratio": med(loaded) / med(idle), "fg_queue_ms_4_background": waits,
                     "background_tokens_per_round": paused, "target": "<= 1.3"}
 
-                def talk(n: Any, line: str, results: list[Any]) -> None:
-                    n.reset()
-                    results.append(n.say(line, max_tokens=tokens, timeout=600))
-
-                one, four = [], []
-                for i in range(rounds):
-                    results = []
-                    start = time.perf_counter()
-                    for n in bg:
-                        talk(n, f"{LINE} [{i}]", results)
-                    one.append(sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - start))
-                    results = []
-                    threads = [threading.Thread(target=talk, args=(n, f"{LINE} <<{i}>>", results)) for n in bg]
-                    start = time.perf_counter()
-                    for t in threads:
-                        t.start()
-                    for t in threads:
-                        t.join()
-                    four.append(sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - start))
+                one, four, _ = one_after_another_vs_at_once(bg, rounds, tokens, "<<{}>>")
                 out["concurrency_priority_run"] = {"one_npc_tok_s": med(one), "four_npcs_tok_s": med(four),
                                                    "ratio": med(four) / med(one), "target": ">= 1.5"}
                 with urllib.request.urlopen(f"{daemon.http}/metrics", timeout=10) as resp:

@@ -145,7 +145,7 @@ def load_training_data(paths: Sequence[Path]) -> TrainingData:
         if path.is_dir() or path.suffix == ".safetensors":
             data.blocks.append(path)
             continue
-        first = _first_row(path)
+        first = _read_with_head(path)[1]
         if isinstance(first, dict) and "text" in first and "prompt" not in first and "npc" not in first:
             data.texts.extend(_text_rows(path))
         elif first is not None:
@@ -157,7 +157,9 @@ def load_training_data(paths: Sequence[Path]) -> TrainingData:
     return data
 
 
-def _first_row(path: Path) -> Any:
+def _read_with_head(path: Path) -> tuple[list[str], Any]:
+    """A JSONL file's lines and its first non-empty line parsed (None for an empty file): how each ``--data``
+    file is judged."""
     from . import npc_data
 
     try:
@@ -166,9 +168,9 @@ def _first_row(path: Path) -> Any:
         raise TrainError(str(exc)) from exc
     first = next((ln for ln in lines if ln.strip()), None)
     if first is None:
-        return None
+        return lines, None
     try:
-        return json.loads(first)
+        return lines, json.loads(first)
     except json.JSONDecodeError as exc:
         raise TrainError(f"{path}: first line is not JSON ({exc.msg})") from exc
 
@@ -243,17 +245,9 @@ def load_examples(paths: Sequence[Path]) -> list[tuple[str, str, str]]:
 
     out: list[tuple[str, str, str]] = []
     for path in paths:
-        try:
-            lines = npc_data.read_lines(path)
-        except npc_data.InputError as exc:
-            raise TrainError(str(exc)) from exc
-        first = next((ln for ln in lines if ln.strip()), None)
-        if first is None:
+        lines, head = _read_with_head(path)
+        if head is None:
             continue
-        try:
-            head = json.loads(first)
-        except json.JSONDecodeError as exc:
-            raise TrainError(f"{path}: first line is not JSON ({exc.msg})") from exc
         if isinstance(head, dict) and "npc" in head:
             result = npc_data.process([(str(path), lines)])
             if result.rejections:
