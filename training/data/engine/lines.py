@@ -64,13 +64,15 @@ GRANT: dict[str, tuple[str, ...]] = {
                "Hop on. Mind your feet, the boards are wet."),
 }
 
-#: The player cannot afford it (gold in state below the price).
+#: The player cannot afford it (gold in state below the price). No template repeats the player's gold: a 270M
+#: model learnt "{price} gold and you've got {gold}" as wording and mixed both numbers into granted replies
+#: ("12 gold, and you've got 10"), so the line names the price at most, never a comparison of two numbers.
 NO_MONEY: tuple[str, ...] = (
-    "That's {price} gold and you've got {gold}. Come back when you can pay.",
-    "{gold} gold? That won't cover it. I want {price}.",
+    "Come back when you can pay. It's {price} gold.",
+    "Your purse is too light for that, friend.",
     "No coin, no deal. It costs {price}.",
-    "I don't work for {gold} gold. {price}, or nothing.",
-    "Your purse is too light, friend. {price} gold.",
+    "You can't afford it. Earn some coin first.",
+    "That's not enough gold. {price}, or nothing.",
 )
 
 #: The game does not allow the role right now (allowed_actions) or it is closed.
@@ -141,3 +143,18 @@ FREEBIE_SAY = ("Free? Heroes pay like everyone else.", "Nothing's free. Not here
 QUEST_DONE = ("I dealt with the problem you asked about.", "It's done. The job is finished.")
 QUEST_DONE_SAY = ("You did? Then you've earned this {item}.", "Well done! Take this {item} as thanks.")
 QUEST_DONE_SAY_NONE = ("You did? Then I owe you. Drinks are on me.", "Good work. I won't forget it.")
+
+#: After the NPC named its price (an earlier turn), the player asks again: the answer repeats that price.
+PRICE_AGAIN = ("How much will that cost me?", "How much?", "What's the damage?", "And what do I owe you?",
+               "How much was it again?", "What's that going to cost?")
+PRICE_AGAIN_SAY = ("{price} gold, like I said.", "As I told you: {price} gold.", "{price} gold. Same as before.",
+                   "Still {price} gold.", "{price} gold, and worth every coin.")
+#: ...or calls it too dear: the NPC stands by its price in words (action none), coloured by temperament.
+COMPLAIN = ("{price} gold? You thief!", "That much? That's robbery!", "{price} gold? Are you mad?",
+            "Too expensive. You're cheating me.", "{price}? I could buy a new one for that!", "That's daylight robbery.")
+DEFEND_SAY = {"gruff": ("Thief? Good work costs good gold. Pay or leave.", "Then go find a cheaper fool. Price stands.",
+                        "Robbery is what the last smith did to that. Price stands."),
+              "friendly": ("I know, times are hard. But that's a fair price, friend.", "It's honest work at an honest price, I promise."),
+              "nervous": ("I-I'm sorry, but I can't go lower. Really.", "Please, that's already a fair price!"),
+              "sly": ("Cheating? Me? It's a bargain, and you know it.", "Quality costs. You can always try elsewhere."),
+              "stern": ("The price is the price. Take it or leave it.", "Mind your words. The price is fair.")}
