@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from zyke_train.batching import collate
 from zyke_train.cli import main
 from zyke_train.experience import (
     BadRecord,
@@ -26,7 +27,7 @@ from zyke_train.experience import (
     read_experience,
 )
 from zyke_train.rewards import RewardWeights, Row, score
-from zyke_train.train import collate, sequence_windows
+from zyke_train.train_data import sequence_windows
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "training" / "data" / "npc_train.jsonl"
@@ -157,7 +158,7 @@ def test_experience_reader_validates_bounds_and_converts(tmp_path: Path) -> None
 
 
 def test_loss_windows_make_every_token_a_target_exactly_once() -> None:
-    from zyke_train.train import Tokenized
+    from zyke_train.train_data import Tokenized
 
     ids = list(range(100, 137))  # 37 tokens
     for max_length in (2, 5, 16, 37, 64):
@@ -188,7 +189,7 @@ def lora_tensors(path: Path) -> dict[str, np.ndarray]:
 def test_blocks_round_trip_and_text_rows_take_loss_on_every_token(tiny: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
     from zyke_train.blocks import BlocksError, read_block_shards
-    from zyke_train.train import tokenize_texts
+    from zyke_train.train_data import tokenize_texts
 
     texts = ["The mill stood at the edge of the village for two hundred years.",
              "Brom's forge rang from dawn until dusk; the apprentices took turns at the bellows."] * 3
@@ -223,7 +224,7 @@ def test_blocks_round_trip_and_text_rows_take_loss_on_every_token(tiny: Path, tm
     # ... and the training loss over it is the model's own causal-LM loss over the whole sequence
     import torch
     from transformers import AutoModelForCausalLM
-    from zyke_train.train import completion_loss_sum
+    from zyke_train.batching import completion_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()
     (whole,) = tokenize_texts(tok, [("t0", texts[0])], max_length=64)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from zyke.protocol import NpcSpec, Turn
+from zyke_train.batching import collate, epoch_batches, epoch_subset
 from zyke_train.cli import main
 from zyke_train.evaluate import Scenario, is_echo, is_off_persona, judge, summarize, word_f1
-from zyke_train.train import Tokenized, collate, decision_spans, epoch_batches, epoch_subset
+from zyke_train.train_data import Tokenized, decision_spans
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "training" / "data" / "npc_train.jsonl"
@@ -147,6 +148,21 @@ def test_train_resume_register_export_evaluate(tmp_path: Path, monkeypatch: pyte
     assert [e["step"] for e in second["losses"]] == [1, 2, 3]
     assert second["losses"][:2] == first["losses"]  # the history continues, it does not restart
     assert second["steps"] == 3
+
+    # --init-adapter: a run that starts from the trained adapter's weights, keeping its LoRA shape (the run's own
+    # --lora-r is ignored); at lr 0 the result must be that adapter, weight for weight
+    from safetensors.numpy import load_file
+
+    grown = tmp_path / "grown"
+    invoke("train", "--config", str(cfg), "--data", str(examples), "--output-dir", str(grown), "--max-steps", "1",
+           "--lr", "0", "--lora-r", "8", "--init-adapter", str(out / "adapter"))
+    assert json.loads((grown / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    start, after = (load_file(str(d / "adapter_model.safetensors")) for d in (out / "adapter", grown / "adapter"))
+    assert start.keys() == after.keys() and all((start[k] == after[k]).all() for k in start)
+    assert any(abs(v).max() > 0 for k, v in after.items() if "lora_B" in k)  # trained weights, not a fresh LoRA
+    missing = CliRunner().invoke(main, ["train", "--data", str(examples), "--output-dir", str(tmp_path / "x"),
+                                        "--max-steps", "1", "--init-adapter", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and "--init-adapter" in missing.output
 
     gguf = tmp_path / "tiny.gguf"
     invoke("export-gguf", str(out / "adapter"), "--out", str(gguf))

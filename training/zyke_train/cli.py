@@ -235,6 +235,9 @@ def _parse_shares(values: tuple[str, ...] | list[str]) -> dict[str, float]:
 @click.option("--save-every", type=int, default=50, show_default=True, help="Checkpoint every N steps.")
 @click.option("--keep-checkpoints", type=int, default=2, show_default=True)
 @click.option("--resume-latest", is_flag=True, help="Continue from the newest checkpoint in --output-dir.")
+@click.option("--init-adapter", default=None, metavar="ADAPTER",
+              help="Start from this adapter's weights (PEFT folder or registered name, e.g. npc-default) instead "
+                   "of a fresh LoRA; its own rank and modules apply.")
 @click.option("--warmup-ratio", type=float, default=0.05, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--lora-r", type=int, default=16, show_default=True)
@@ -256,7 +259,8 @@ def _parse_shares(values: tuple[str, ...] | list[str]) -> dict[str, float]:
 def train_cmd(data: tuple[Path, ...], output_dir: Path, adapter_name: str | None, hf_push: str | None,
               lora_target_modules: str, **options: object) -> None:
     """LoRA fine-tuning with completion-only loss; checkpoints are resumable and pickle-free."""
-    from .train import TrainConfig, TrainError, iter_loss_lines, push_to_hub, register_adapter, train
+    from .errors import TrainError
+    from .train import TrainConfig, iter_loss_lines, push_to_hub, register_adapter, train
 
     if not data:
         raise click.UsageError("give at least one --data file (or `data:` in --config)")
@@ -313,9 +317,10 @@ def rl_cmd(data: tuple[Path, ...], adapter: str, output_dir: Path, reward_weight
     """Improve a LoRA adapter from rewards with TRL's GRPO (KL-anchored to the starting adapter)."""
     from dataclasses import fields, replace
 
+    from .errors import TrainError
     from .rewards import RewardWeights
     from .rl import RlConfig, RlError, rl
-    from .train import TrainError, register_adapter
+    from .train import register_adapter
 
     weights = RewardWeights()
     if reward_weights:

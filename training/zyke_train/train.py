@@ -3,6 +3,9 @@
 Why a small loop of our own instead of TRL's ``SFTTrainer``: the things this project needs are few and
 specific, and each is easier to get right in plain code than through trainer callbacks:
 
+Data (``train_data``), batching and the loss (``batching``) and checkpoints (``checkpoints``) live in their own
+modules; this one holds the configuration, the model and the loop.
+
 - **Completion-only loss, and only completion logits.** Gemma 3 has a 262,144-token vocabulary, so the
   output projection over every prompt position costs more than the rest of the model on a CPU. Batches
   are left-padded, so every completion sits at the end of its row, and the model is asked for the last
@@ -31,29 +34,22 @@ runs on a CPU, one GPU or several (``accelerate launch``), each process taking i
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from .batching import collate, completion_loss_sum, epoch_batches, epoch_subset
+from .checkpoints import checkpoints, load_checkpoint, save_checkpoint
+from .errors import TrainError
+from .train_data import load_block_items, load_training_data, tokenize_examples, tokenize_texts
 
 #: Every linear projection of a Gemma/Llama-style block; all of them export to llama.cpp's GGUF LoRA.
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
-#: Batches are sorted by length inside windows of this many batches (length bucketing with some shuffle).
-BUCKET_WINDOW = 32
-
-
-class TrainError(Exception):
-    """A problem the user can fix (bad flag, missing optional package, unusable data): the CLI prints it."""
 
 
 @dataclass
@@ -89,22 +85,9 @@ class TrainConfig:
     log_to: str = "none"
     threads: int | None = None
     resume_latest: bool = False
-
-
-@dataclass(frozen=True)
-class Tokenized:
-    """One example as token ids: ``prompt`` (with BOS) then ``completion``; loss goes on ``completion``."""
-
-    id: str
-    prompt: list[int]
-    completion: list[int]
-    #: Loss weight per completion token (None: all 1.0); see ``decision_weights``.
-    weights: tuple[float, ...] | None = None
-    #: The reply's action, when the completion is a reply JSON; what ``--max-action-share`` counts.
-    action: str | None = None
-
-    def __len__(self) -> int:
-        return len(self.prompt) + len(self.completion)
+    #: Start from this adapter's weights (a PEFT folder or a registered name) instead of a fresh LoRA: a game
+    #: teaches npc-default its own NPCs without starting over. The adapter's own LoRA shape then applies.
+    init_adapter: str | None = None
 
 
 @dataclass
@@ -116,384 +99,6 @@ class TrainResult:
     tokens: int
     truncated: int
 
-
-# -- data
-
-
-@dataclass
-class TrainingData:
-    """What ``--data`` named, by kind: NPC examples get completion-only loss, text rows and blocks get
-    full-sequence (causal LM) loss. One run may mix them; each becomes ``Tokenized`` items of one list."""
-
-    #: ``(id, prompt, completion)``: dataset rows rendered via ``npc_data``, or rendered JSONL.
-    examples: list[tuple[str, str, str]] = field(default_factory=list)
-    #: ``(id, text)`` from ``{"text": ...}`` rows (``zyke-train prepare`` output, lore, scripts).
-    texts: list[tuple[str, str]] = field(default_factory=list)
-    #: ``zyke-train blocks`` output folders, or single ``blocks-*.safetensors`` shards.
-    blocks: list[Path] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.examples or self.texts or self.blocks)
-
-
-def load_training_data(paths: Sequence[Path]) -> TrainingData:
-    """Sort ``--data`` by kind: a folder or ``.safetensors`` file is blocks, a JSONL file is judged by its
-    first non-empty line (``npc`` key: dataset rows; ``prompt``: rendered examples; ``text``: text rows)."""
-    data = TrainingData()
-    jsonl: list[Path] = []
-    for path in paths:
-        if path.is_dir() or path.suffix == ".safetensors":
-            data.blocks.append(path)
-            continue
-        first = _read_with_head(path)[1]
-        if isinstance(first, dict) and "text" in first and "prompt" not in first and "npc" not in first:
-            data.texts.extend(_text_rows(path))
-        elif first is not None:
-            jsonl.append(path)
-    if jsonl:
-        data.examples = load_examples(jsonl)
-    if not data:
-        raise TrainError("no training examples in " + ", ".join(map(str, paths)))
-    return data
-
-
-def _read_with_head(path: Path) -> tuple[list[str], Any]:
-    """A JSONL file's lines and its first non-empty line parsed (None for an empty file): how each ``--data``
-    file is judged."""
-    from . import npc_data
-
-    try:
-        lines = npc_data.read_lines(path)
-    except npc_data.InputError as exc:
-        raise TrainError(str(exc)) from exc
-    first = next((ln for ln in lines if ln.strip()), None)
-    if first is None:
-        return lines, None
-    try:
-        return lines, json.loads(first)
-    except json.JSONDecodeError as exc:
-        raise TrainError(f"{path}: first line is not JSON ({exc.msg})") from exc
-
-
-def _text_rows(path: Path) -> list[tuple[str, str]]:
-    out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            text = row["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise TrainError(f"{path}:{lineno}: expected a {{\"text\": ...}} row like the first one ({exc})") from exc
-        if not isinstance(text, str):
-            raise TrainError(f"{path}:{lineno}: \"text\" must be a string")
-        if text.strip():
-            out.append((str(row.get("id", f"{path.name}:{lineno}")), text))
-    return out
-
-
-def sequence_windows(ids: Sequence[int], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Cut one token sequence into ``(prompt, completion)`` windows of at most ``max_length`` tokens for
-    full-sequence loss: each window's first token is its one-token "prompt" (nothing predicts it) and the
-    rest is completion. Windows overlap by that one token, so every token but the sequence's very first
-    (BOS, for text rows) is a loss target exactly once, however the sequence is cut."""
-    if len(ids) < 2:
-        return []
-    step = max(1, max_length - 1)
-    return [(list(ids[start:start + 1]), list(ids[start + 1:start + 1 + step]))
-            for start in range(0, len(ids) - 1, step)]
-
-
-def tokenize_texts(tokenizer: Any, texts: Sequence[tuple[str, str]], max_length: int) -> list[Tokenized]:
-    """Text rows as ``BOS text EOS`` (the way ``zyke-train blocks`` frames a document) in loss windows."""
-    out: list[Tokenized] = []
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for text_id, text in texts:
-        ids = bos + tokenizer(text, add_special_tokens=False)["input_ids"] + eos
-        windows = sequence_windows(ids, max_length)
-        out.extend(Tokenized(text_id if len(windows) == 1 else f"{text_id}#{i}", p, c)
-                   for i, (p, c) in enumerate(windows))
-    return out
-
-
-def load_block_items(path: Path, tokenizer: Any, max_length: int) -> list[Tokenized]:
-    """Every block of a ``zyke-train blocks`` folder (or one shard) as full-sequence loss windows.
-
-    A folder's shards are checked against the sha256 its manifest records, and its tokenizer against the
-    model's (same vocabulary size and EOS id): blocks are token ids, and ids from another tokenizer would
-    train silently on garbage."""
-    from .blocks import BlocksError, read_block_shards
-
-    try:
-        shards = read_block_shards(path, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
-    except BlocksError as exc:
-        raise TrainError(str(exc)) from exc
-    out: list[Tokenized] = []
-    for name, first, array in shards:
-        for row in range(array.shape[0]):
-            windows = sequence_windows(array[row].tolist(), max_length)
-            out.extend(Tokenized(f"{name}:{first + row}" + (f"#{i}" if len(windows) > 1 else ""), p, c)
-                       for i, (p, c) in enumerate(windows))
-    return out
-
-
-def load_examples(paths: Sequence[Path]) -> list[tuple[str, str, str]]:
-    """``(id, prompt, completion)`` from dataset rows (checked and rendered via ``npc_data``) or from
-    already-rendered ``{prompt, completion}`` JSONL; each file is judged by its first non-empty line."""
-    from . import npc_data
-
-    out: list[tuple[str, str, str]] = []
-    for path in paths:
-        lines, head = _read_with_head(path)
-        if head is None:
-            continue
-        if isinstance(head, dict) and "npc" in head:
-            result = npc_data.process([(str(path), lines)])
-            if result.rejections:
-                r = result.rejections[0]
-                log.warning("%s: skipped %d bad rows (first: line %d, %s)", path, len(result.rejections), r.line,
-                            r.reason)
-            out.extend((e.id, e.prompt, e.completion) for e in result.examples)
-            continue
-        for lineno, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-                out.append((str(row.get("id", f"{path.name}:{lineno}")), row["prompt"], row["completion"]))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-                raise TrainError(f"{path}:{lineno}: expected a dataset row or {{prompt, completion}} ({exc})") from exc
-    if not out:
-        raise TrainError("no training examples in " + ", ".join(map(str, paths)))
-    return out
-
-
-def decision_spans(completion: str) -> list[tuple[int, int]]:
-    """Character spans of the ``emotion`` and ``action`` values in a rendered reply (empty when the
-    completion is not one). They are the reply's decisions: a few tokens among dozens of ``say`` tokens."""
-    spans = []
-    for key in ("emotion", "action"):
-        marker = f'"{key}": "'
-        start = completion.rfind(marker)
-        if start < 0:
-            continue
-        start += len(marker)
-        end = completion.find('"', start)
-        if end > start:
-            spans.append((start, end))
-    return spans
-
-
-def reply_action(completion: str) -> str | None:
-    try:
-        value = json.loads(completion).get("action")
-    except (json.JSONDecodeError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
-
-
-def tokenize_examples(tokenizer: Any, examples: Sequence[tuple[str, str, str]], max_length: int,
-                      decision_weight: float = 1.0) -> tuple[list[Tokenized], int]:
-    """Token ids per example, the prompt left-truncated (BOS kept) to fit ``max_length``; returns the
-    examples and how many were truncated. A completion that alone does not fit is cut at its end.
-
-    ``decision_weight`` scales the loss of the tokens that spell the emotion and action values. With
-    plain token-averaged loss those two or three tokens weigh as much as two words of the line, so a
-    short run learns the voice and falls back to the most common action (``none``); weighting them is
-    the cheap way to make the run learn the choice the game acts on."""
-    out: list[Tokenized] = []
-    truncated = 0
-    for ex_id, prompt, completion in examples:
-        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        weights: tuple[float, ...] | None = None
-        if decision_weight != 1.0 and (spans := decision_spans(completion)):
-            enc = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
-            c = enc["input_ids"]
-            weights = tuple(decision_weight if any(s < b and a < e for s, e in spans) else 1.0
-                            for a, b in enc["offset_mapping"])
-        else:
-            c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        if len(p) + len(c) > max_length:
-            truncated += 1
-            c = c[: max(1, max_length - 1)]
-            weights = weights[: len(c)] if weights else None
-            room = max_length - len(c)
-            bos = p[:1] if p and p[0] == tokenizer.bos_token_id else []
-            p = bos + p[len(p) - (room - len(bos)):] if room > len(bos) else bos
-        out.append(Tokenized(ex_id, p, c, weights, reply_action(completion)))
-    return out, truncated
-
-
-def epoch_subset(actions: Sequence[str | None], max_share: dict[str, float], seed: int, epoch: int) -> list[int]:
-    """Indices used in one epoch: rows whose action is capped by ``max_share`` (e.g. ``{"none": 0.35}``)
-    are subsampled to at most that share of the epoch, a different random subset each epoch, so a
-    dataset where most replies do nothing does not teach the model to always do nothing. Pure in
-    (seed, epoch), like ``epoch_batches``."""
-    rng = random.Random(f"subset:{seed}:{epoch}")
-    keep = [i for i, a in enumerate(actions) if a not in max_share]
-    for action, share in sorted(max_share.items()):
-        rows = [i for i, a in enumerate(actions) if a == action]
-        if share >= 1.0:
-            keep.extend(rows)
-            continue
-        others = len(actions) - len(rows)
-        limit = min(len(rows), int(share * others / max(1e-9, 1.0 - share)))
-        keep.extend(rng.sample(rows, limit))
-    return sorted(keep)
-
-
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
-                  subset: Sequence[int] | None = None) -> list[list[int]]:
-    """Index batches for one epoch (over ``subset`` when given): shuffled, sorted by length within windows
-    (little padding), then the batches shuffled again. A pure function of (seed, epoch), which is what
-    makes resuming exact."""
-    rng = random.Random(f"{seed}:{epoch}")
-    order = list(range(len(lengths))) if subset is None else list(subset)
-    rng.shuffle(order)
-    window = batch_size * BUCKET_WINDOW
-    batches: list[list[int]] = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    return batches
-
-
-def collate(items: Sequence[Tokenized], pad_id: int) -> dict[str, Any]:
-    """Left-padded tensors; ``keep`` is how many trailing logits the loss needs (longest completion + 1)."""
-    import torch
-
-    width = max(len(t) for t in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    labels = torch.full((len(items), width), -100, dtype=torch.long)
-    weights = torch.zeros((len(items), width), dtype=torch.float32)
-    for row, t in enumerate(items):
-        seq = t.prompt + t.completion
-        ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
-        labels[row, width - len(t.completion):] = torch.tensor(t.completion)
-        weights[row, width - len(t.completion):] = torch.tensor(t.weights or [1.0] * len(t.completion))
-    keep = min(width, max(len(t.completion) for t in items) + 1)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights, "keep": keep,
-            "tokens": int(mask.sum()), "targets": int((labels != -100).sum()), "weight": float(weights.sum())}
-
-
-def completion_loss_sum(model: Any, batch: dict[str, Any]) -> Any:
-    """Summed cross-entropy over the completion tokens (times their ``weights`` when the batch has them),
-    computing logits only where labels are."""
-    import torch.nn.functional as F
-
-    mask = batch["attention_mask"]
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the positions
-    keep = batch["keep"]
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids,
-                logits_to_keep=keep, use_cache=False)
-    logits = out.logits[:, :-1].float()
-    targets = batch["labels"][:, -(keep - 1):]
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                             reduction="none")
-    if "weights" in batch:
-        losses = losses * batch["weights"][:, -(keep - 1):].reshape(-1)
-    return losses.sum()
-
-
-# -- checkpoints (no pickle anywhere)
-
-
-def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (those with a trainer state) as (step, dir), oldest first."""
-    found = []
-    for d in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = d.name[len(CHECKPOINT_PREFIX):]
-        if d.is_dir() and suffix.isdigit() and (d / STATE_FILE).is_file():
-            found.append((int(suffix), d))
-    return sorted(found)
-
-
-def save_checkpoint(output_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
-                    state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint-<step> atomically (temp dir + rename) and drop all but the newest ``keep``."""
-    import torch
-    from safetensors.torch import save_file
-
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = output_dir / f".{final.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp))
-    tensors, meta = _optimizer_to_tensors(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng_tensors[f"torch_cuda_{i}"] = s
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    py_state = random.getstate()
-    (tmp / "optimizer.json").write_text(json.dumps(meta, indent=1))
-    (tmp / "scheduler.json").write_text(json.dumps(sched, indent=1))
-    (tmp / "rng.json").write_text(json.dumps({"python": [py_state[0], list(py_state[1]), py_state[2]]}))
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: marks the checkpoint complete
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for _, old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore adapter weights, optimizer, scheduler and RNG from ``path``; returns its trainer state.
-    Everything is read with safetensors or json: no code can be smuggled in through a checkpoint."""
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights)
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if missing:
-        raise TrainError(f"{path}: adapter weights do not fit this model ({missing[:3]}...)")
-    meta = json.loads((path / "optimizer.json").read_text())
-    _optimizer_from_tensors(optimizer, load_file(str(path / "optimizer.safetensors")), meta)
-    sched = json.loads((path / "scheduler.json").read_text())
-    sched["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)
-    scheduler.load_state_dict(sched)
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    py = json.loads((path / "rng.json").read_text())["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    return json.loads((path / STATE_FILE).read_text())
-
-
-def _optimizer_to_tensors(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An optimizer's state as flat tensors (``state.<param>.<name>``) plus JSON for everything else."""
-    import torch
-
-    sd = optimizer.state_dict()
-    tensors: dict[str, Any] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, pstate in sd["state"].items():
-        for name, value in pstate.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{pid}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(pid), {})[name] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_tensors(optimizer: Any, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = value
-    for pid, values in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 # -- model
@@ -544,10 +149,28 @@ def load_model(config: TrainConfig, device_type: str) -> tuple[Any, Any]:
     if config.lora_layers:
         n_layers = int(model.config.get_text_config().num_hidden_layers)
         layers = list(range(max(0, n_layers - config.lora_layers), n_layers))
+    if config.init_adapter:
+        return tokenizer, _load_init_adapter(model, config)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.lora_target_modules), layers_to_transform=layers, bias="none",
                       task_type="CAUSAL_LM")
     return tokenizer, get_peft_model(model, lora)
+
+
+def _load_init_adapter(model: Any, config: TrainConfig) -> Any:
+    """The base wrapped with ``config.init_adapter``'s weights, trainable (LoRA flags of the run are ignored)."""
+    from peft import PeftModel
+
+    from .rl import RlError, resolve_adapter
+
+    try:
+        path = resolve_adapter(config.init_adapter or "")
+    except RlError as exc:
+        raise TrainError(str(exc).replace("--adapter", "--init-adapter")) from exc
+    try:
+        return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as exc:  # shapes or module names of another base
+        raise TrainError(f"--init-adapter {config.init_adapter!r} does not fit this base model: {exc}") from exc
 
 
 def lr_lambda(total_steps: int, warmup: int) -> Callable[[int], float]:

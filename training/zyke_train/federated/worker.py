@@ -9,7 +9,7 @@ The local loop is small and lives here, not in ``zyke_train.train.train``: that 
 fine-tuning job (its own fresh LoRA init, Accelerate, checkpoints, output directories), while FFA-LoRA
 needs a few steps that start from the trainer's weights with every ``lora_A`` frozen. What can be shared
 is shared: tokenisation (``tokenize_examples``), batching (``collate``) and the completion-only loss
-(``completion_loss_sum``) come from ``zyke_train.train``, so a contributed update optimises exactly what a
+(``completion_loss_sum``) come from ``zyke_train.batching``, so a contributed update optimises exactly what a
 local ``zyke-train train`` run optimises, on exactly the text the daemon serves.
 
 Network faults (refused or reset connections, timeouts, 5xx, 429) are retried with exponential backoff
@@ -146,7 +146,8 @@ def train_task(local: LocalModel, task: dict[str, Any], batch_size: int = 4) -> 
     """A few AdamW steps on ``B`` over the task's examples (completion-only loss); returns the metrics."""
     import torch
 
-    from ..train import collate, completion_loss_sum, tokenize_examples
+    from ..batching import collate, completion_loss_sum
+    from ..train_data import tokenize_examples
 
     settings = task["train"]
     steps, lr, max_len = int(settings["steps"]), float(settings["lr"]), int(settings["max_seq_len"])
