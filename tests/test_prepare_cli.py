@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 from zyke_train.cli import main
-from zyke_train.prepare import Settings, lsh_params, make_sources, prepare, shingles
+from zyke_train.prepare import Settings, make_sources, prepare
+from zyke_train.prepare_filters import lsh_params, shingles
 
 EN1 = ("The old mill stood at the edge of the village for more than two hundred years, and every child who grew up "
        "there learned to fear the creaking of its great wheel on stormy nights. The miller was a quiet man with flour "
@@ -350,7 +351,7 @@ def test_publish_dry_run_writes_card_and_files(tmp_path: Path, monkeypatch: pyte
 
 def test_hub_stream_that_breaks_mid_way_resumes(tmp_path: Path) -> None:
     """A stream that dies (network) ends with a clear error; the re-run keeps the flushed shards and goes on."""
-    from zyke_train.prepare import PrepareError
+    from zyke_train.errors import PrepareError
 
     paras = [EN1, EN2, EN3, EN4, EN5]
     texts = [f"{paras[a]} {paras[b]}" for a in range(5) for b in range(a + 1, 5)][:8]  # Jaccard <= ~0.5 apart

@@ -377,7 +377,8 @@ def prepare_cmd(ctx: click.Context, hub: tuple[str, ...], local: tuple[str, ...]
                 max_total: str | None, lang: str, profiles: tuple[str, ...], text_field: str,
                 minhash_threshold: float, minhash_perms: int, shard_size: int, force: bool, quiet: bool) -> None:
     """Build a cleaned, language-filtered, near-deduplicated text corpus (resumable; see training/PREPARE.md)."""
-    from .prepare import PrepareError, Settings, make_sources, parse_size, prepare
+    from .errors import PrepareError
+    from .prepare import Settings, make_sources, parse_size, prepare
 
     try:
         sources = make_sources(list(hub), list(local), weights, list(profiles), text_field)
