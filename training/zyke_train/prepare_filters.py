@@ -4,7 +4,6 @@ Each filter is a pure decision on one document (or, for ``Deduper``, on one docu
 the pipeline in ``prepare.py`` decides the order and counts every document in exactly one bucket.
 """
 
-
 from __future__ import annotations
 
 import re

@@ -2,7 +2,6 @@
 read as documents ``(text, group)``; Project Gutenberg boilerplate stripped, EPUB read in spine order.
 """
 
-
 from __future__ import annotations
 
 import json
