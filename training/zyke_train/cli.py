@@ -682,14 +682,7 @@ def evaluate_cmd(npc_files: tuple[Path, ...], seen_files: tuple[Path, ...], scor
     report: dict[str, object] = {"created": ev.timestamp(), "models": [n or "base" for n in names]}
     try:
         if npc_files:
-            scenarios, groups = [], {}
-            for npc_file in npc_files:
-                loaded = ev.load_scenarios(npc_file, limit)
-                scenarios += loaded
-                if len(npc_files) > 1:
-                    groups[f"file:{npc_file.name}"] = {s.id for s in loaded}
-            if seen_files:
-                groups |= ev.seen_groups(scenarios, seen_files)
+            scenarios, groups = ev.load_scenario_files(npc_files, limit, seen_files)
             files = ", ".join(map(str, npc_files))
             with click.progressbar(length=len(scenarios) * len(npc_names), label="scenarios",
                                    file=sys.stderr) as bar:
@@ -709,33 +702,10 @@ def evaluate_cmd(npc_files: tuple[Path, ...], seen_files: tuple[Path, ...], scor
                 report_path.parent.mkdir(parents=True, exist_ok=True)
                 report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if ppl_sources:
-            ppl: dict[str, object] = {}
-            for source in ppl_sources:
-                try:
-                    pairs, kind = ev.read_texts(source, limit)
-                except ev.EvalError as exc:
-                    click.echo(str(exc))
-                    ppl[source] = {"skipped": str(exc)}
-                    continue
-                for name in names:
-                    peft = ev.peft_dir_for(name, model=model) if name else None
-                    result = ev.perplexity(pairs, model, peft) | {"scored": kind}
-                    ppl.setdefault(source, {})[name or "base"] = result  # type: ignore[index]
-                    click.echo(f"perplexity {source} [{name or 'base'}]: {result['perplexity']} "
-                               f"over {result['tokens']} {kind} tokens")
-            report["perplexity"] = ppl
+            report["perplexity"] = ev.perplexity_report(ppl_sources, names, model, limit, on_log=click.echo)
         if lm_eval_tasks:
             tasks = [t.strip() for t in lm_eval_tasks.split(",") if t.strip()]
-            results: dict[str, object] = {}
-            for name in names:
-                try:
-                    peft_dir = ev.peft_dir_for(name, model=model) if name else None
-                    results[name or "base"] = ev.run_lm_eval(tasks, model, peft_dir, limit)
-                except ev.EvalError as exc:
-                    click.echo(str(exc))
-                    results = {"skipped": str(exc)}
-                    break
-            report["lm_eval"] = results
+            report["lm_eval"] = ev.lm_eval_report(tasks, names, model, limit, on_log=click.echo)
     except ev.EvalError as exc:
         raise click.ClickException(str(exc)) from exc
     if report_path is not None:

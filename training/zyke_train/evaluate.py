@@ -276,14 +276,68 @@ ACTION_KEY = '"action": "'
 
 
 def scored_action(backend: Any, prompt: str, text: str, scenario: Scenario, adapter: str | None) -> str:
-    """The allowed action with the highest length-normalised log-likelihood after the reply's line and
-    emotion, as decoded: the alternative to letting constrained greedy decoding pick it."""
+    """The allowed action whose label, with the reply's closing ``"}``, is most likely after the reply's line
+    and emotion as decoded: the alternative to letting constrained greedy decoding pick it token by token.
+
+    The closing quote and brace are scored too, so a label that is the start of another (``give`` and
+    ``give_item``) is judged as a whole label, as the grammar would end it."""
     from zyke.prompt_format import allowed_action_names
 
     allowed = allowed_action_names(scenario.npc, scenario.allowed_actions)
     prefix = prompt + text[: text.rindex(ACTION_KEY) + len(ACTION_KEY)]
-    scores = backend.score_continuations(prefix, [a + '"' for a in allowed], adapter)
+    scores = backend.score_continuations(prefix, [a + '"}' for a in allowed], adapter)
     return allowed[max(range(len(allowed)), key=scores.__getitem__)]
+
+
+def load_scenario_files(npc_files: Sequence[Path], limit: int | None,
+                        seen_files: Sequence[Path] = ()) -> tuple[list[Scenario], dict[str, set[str]]]:
+    """Scenarios from every file, and the groups the report breaks them into: one per file (when there are
+    several) and, given training files, seen/unseen personas and action names (``seen_groups``)."""
+    scenarios: list[Scenario] = []
+    groups: dict[str, set[str]] = {}
+    for npc_file in npc_files:
+        loaded = load_scenarios(npc_file, limit)
+        scenarios += loaded
+        if len(npc_files) > 1:
+            groups[f"file:{npc_file.name}"] = {s.id for s in loaded}
+    if seen_files:
+        groups |= seen_groups(scenarios, seen_files)
+    return scenarios, groups
+
+
+def perplexity_report(sources: Sequence[str], names: Sequence[str | None], model: str | None, limit: int | None,
+                      on_log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Perplexity of the base (``None``) and each adapter on every source; a source that cannot be read is
+    recorded as skipped (with why) rather than failing the other measurements."""
+    ppl: dict[str, Any] = {}
+    for source in sources:
+        try:
+            pairs, kind = read_texts(source, limit)
+        except EvalError as exc:
+            on_log(str(exc))
+            ppl[source] = {"skipped": str(exc)}
+            continue
+        for name in names:
+            peft = peft_dir_for(name, model=model) if name else None
+            result = perplexity(pairs, model, peft) | {"scored": kind}
+            ppl.setdefault(source, {})[name or "base"] = result
+            on_log(f"perplexity {source} [{name or 'base'}]: {result['perplexity']} "
+                   f"over {result['tokens']} {kind} tokens")
+    return ppl
+
+
+def lm_eval_report(tasks: Sequence[str], names: Sequence[str | None], model: str | None, limit: int | None,
+                   on_log: Callable[[str], None] = print) -> dict[str, Any]:
+    """lm-evaluation-harness results per model; ``{"skipped": why}`` when the harness cannot run here."""
+    results: dict[str, Any] = {}
+    for name in names:
+        try:
+            peft_dir = peft_dir_for(name, model=model) if name else None
+            results[name or "base"] = run_lm_eval(list(tasks), model, peft_dir, limit)
+        except EvalError as exc:
+            on_log(str(exc))
+            return {"skipped": str(exc)}
+    return results
 
 
 def seen_groups(scenarios: Sequence[Scenario], training_files: Sequence[Path]) -> dict[str, set[str]]:

@@ -531,11 +531,13 @@ class LlamaCppBackend:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
 
     def score_continuations(self, prefix: str, continuations: Sequence[str], adapter: str | None = None) -> list[float]:
-        """Mean log-probability per token of each continuation after ``prefix`` (length-normalised).
+        """Total log-probability of each continuation after ``prefix``.
 
         Used to compare choosing an NPC's action by constrained greedy decoding with choosing it by the
-        likelihood of each allowed label (``zyke-train evaluate`` reports both). The prefix is evaluated
-        once into a slot; each continuation is evaluated after it and then cut off again."""
+        likelihood of each allowed label (``zyke-train evaluate`` reports both). A total, not a per-token
+        mean: after a label's first token the rest are near-certain, so a mean ranks long labels over the
+        one the model prefers (measured: 0.17 action accuracy scored by the mean against 0.65 greedy). The
+        prefix is evaluated once into a slot; each continuation is evaluated after it and then cut off again."""
         self._apply(adapter)
         base = self.tokenize(prefix)
         slot, cached = self._take_slot(base, adapter)
@@ -552,7 +554,7 @@ class LlamaCppBackend:
                     for i, nxt in enumerate(tokens[1:]):
                         total += float(_log_softmax(self._logits(i))[nxt])
                     llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, n, -1)
-                scores.append(total / len(tokens))
+                scores.append(total)
             return scores
         except BaseException:
             self._clear(slot)
