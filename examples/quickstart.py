@@ -23,7 +23,10 @@ def main() -> None:
     with Client(autostart=True, game="quickstart") as client:
         info = client.connect()
         print(f"zyke-daemon {info.daemon_version}: {info.model.name} on {info.backend}\n")
-        brom = client.npc("brom", name="Brom", persona="A grumpy dwarf blacksmith who loves his forge.",
+        # The persona carries the facts the NPC must keep to (here his price): a small model does not invent
+        # one and then remember it as reliably as it reads it.
+        brom = client.npc("brom", name="Brom",
+                          persona="A grumpy dwarf blacksmith who loves his forge. Charges 10 gold to mend a blade.",
                           actions=["none", "trade", "repair", "attack"], emotions=["neutral", "angry", "pleased"])
         brom.reset()  # a fresh conversation each run (the daemon keeps history across restarts otherwise)
         for line, state in SCRIPT:

@@ -2,7 +2,7 @@
 # Reproduce the shipped default adapter (zyke_daemon/shipped_adapters/npc-default) from the repo, end to end:
 # data engine -> LoRA training -> evaluation on the held-out splits -> ship into the daemon package.
 #
-#   bash training/make_default_adapter.sh            # about 80 min of training on 2 CPU cores, 7 min of evaluation
+#   bash training/make_default_adapter.sh            # about 130 min of training on 2 CPU cores, 7 min of evaluation
 #
 # Every step is deterministic from its seed; on a GPU machine the training step takes minutes.
 set -euo pipefail
@@ -14,18 +14,31 @@ THREADS=${THREADS:-2}
 # 1. the generated rows must be exactly what the engine writes (fails if someone edited them by hand)
 $PY training/data/generate.py --check
 
-# 2. train: the generated rows plus the hand-written rows three times (the quality core weighs triple).
-#    Two stages, as the shipped adapter was made: 600 steps on a 600-step cosine schedule, then the same run
-#    continued from its step-600 checkpoint to 1,200 steps (the schedule resumes on the 1,200-step cosine, at
-#    about half the peak rate). 600 steps had seen 0.58 of an epoch and the loss was still falling; the second
-#    stage took held-out spurious actions from 7.1% to 2.9% and emotions from 0.47 to 0.54 (training/README.md).
-RECIPE="zyke-train train --data training/data/npc_generated_train.jsonl --data training/data/npc_train.jsonl \
---data training/data/npc_train.jsonl --data training/data/npc_train.jsonl --output-dir $OUT --max-steps 600 --batch-size 4 --lr 1.5e-3 --lora-r 16 \
---lora-alpha 32 --lora-dropout 0 --lora-layers 12 --max-length 448 --save-every 50 --threads $THREADS \
---decision-weight 5 --max-action-share none=0.3"
-$PY -m zyke_train ${RECIPE#zyke-train }
-$PY -m zyke_train ${RECIPE#zyke-train } --max-steps 1200 --resume-latest
-RECIPE="$RECIPE; then the same with --max-steps 1200 --resume-latest"
+# 2. train, in four stages, all on the generated rows plus the hand-written rows three times (the quality core
+#    weighs triple).
+#    Stages 1-2 (the v3 adapter) ran on the engine's rows as they were at commit 2e3f657, before the price-keeping
+#    rows and the no-money fix; they are read from git here so the reproduction is exact. 600 steps on a 600-step
+#    cosine schedule, then the same run continued from its step-600 checkpoint to 1,200 steps.
+#    Stages 3-4 start from that adapter's weights (--init-adapter) on the current rows: 450 steps at lr 5e-4 taught
+#    the NPC to keep to its own price (v4), then 300 steps at lr 3e-4 with a larger share of `none` rows.
+#    One honest difference: the shipped stage 3 ran before the engine's empty-purse rule (`_price_known`), on rows
+#    identical to today's except the gold of 97 no-money rows (a small number then, 0 now); stage 4 ran on today's.
+OLD_DATA=$OUT-data-2e3f657
+mkdir -p "$OLD_DATA"
+git show 2e3f657:training/data/npc_generated_train.jsonl > "$OLD_DATA/npc_generated_train.jsonl"
+COMMON="--data training/data/npc_train.jsonl --data training/data/npc_train.jsonl --data training/data/npc_train.jsonl \
+--batch-size 4 --lora-dropout 0 --max-length 448 --save-every 50 --threads $THREADS --decision-weight 5"
+STAGE12="zyke-train train --data $OLD_DATA/npc_generated_train.jsonl $COMMON --output-dir $OUT-v3 --max-steps 600 \
+--lr 1.5e-3 --lora-r 16 --lora-alpha 32 --lora-layers 12 --max-action-share none=0.3"
+$PY -m zyke_train ${STAGE12#zyke-train }
+$PY -m zyke_train ${STAGE12#zyke-train } --max-steps 1200 --resume-latest
+STAGE3="zyke-train train --data training/data/npc_generated_train.jsonl $COMMON --output-dir $OUT-v4 --max-steps 450 \
+--lr 5e-4 --max-action-share none=0.3 --init-adapter $OUT-v3/adapter"
+$PY -m zyke_train ${STAGE3#zyke-train }
+STAGE4="zyke-train train --data training/data/npc_generated_train.jsonl $COMMON --output-dir $OUT --max-steps 300 \
+--lr 3e-4 --max-action-share none=0.35 --init-adapter $OUT-v4/adapter"
+$PY -m zyke_train ${STAGE4#zyke-train }
+RECIPE="$STAGE12 (600 steps, then --max-steps 1200 --resume-latest); $STAGE3; $STAGE4"
 
 # 3. ship it (half precision) so the evaluation below serves exactly the shipped files by name
 $PY -m zyke_train ship "$OUT/adapter" --recipe "$RECIPE"
