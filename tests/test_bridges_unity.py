@@ -219,7 +219,7 @@ def test_csharp_client_end_to_end(e2e_exe: Path, daemon: DaemonProcess) -> None:
     out = _run(e2e_exe, "e2e", daemon.url, daemon.token)
     for needle in ["unknown_npc", "deltas concatenate to say", "ZykeAuthException", "ZykeCancelledException",
                    "npc.state.set restored", "npc.define with described actions", "allowed_actions [none]",
-                   "undeclared allowed action: code unknown_action",
+                   "undeclared allowed action: code unknown_action", "feedback without recording: code not_recording",
                    "connected: state with NaN: ZykeArgumentException invalid_argument",
                    "bad state: the connection stays up", "repaired inspector defaults accepted by the daemon (brom_1)"]:
         assert needle in out, needle

@@ -340,3 +340,98 @@ def test_an_action_dropped_by_a_redefine_before_the_line_runs_is_unknown_action(
     with pytest.raises(DaemonError) as err:
         conn.daemon.prepare(submit.job, count_tokens=lambda s: len(s.split()), n_ctx=4096)
     assert err.value.code == ErrorCode.UNKNOWN_ACTION and err.value.request_id == "s"
+
+
+# --- experience recording: the feedback frame (docs/EXPERIENCE.md) -----------------------------------------
+
+
+def _recording(tmp_path: Path, record: bool = True, **cfg: Any) -> tuple[DaemonCore, ConnectionCore]:
+    daemon = make_daemon(tmp_path, **{"record_experience": True, **cfg})
+    conn = daemon.connect()
+    hello(conn, game="tavern")
+    frames(send(conn, {"v": 1, "type": "npc.define", "id": "d", "npc": {**BROM, "record": record}}))
+    return daemon, conn
+
+
+def _feedback(conn: ConnectionCore, **fields: Any) -> list[Any]:
+    return send(conn, {"v": 1, "type": "feedback", "id": "f", "npc": "brom", "reply_id": "s", "reward": 1,
+                       **fields})
+
+
+def test_a_recording_npcs_reply_becomes_a_valid_record_line(tmp_path: Path) -> None:
+    from zyke.experience import ExperienceRecord, parse_entry
+
+    daemon, conn = _recording(tmp_path)
+    _finish(daemon, conn, '{"say": "Aye.", "emotion": "angry", "action": "repair"}', rid="s1", state={"gold": 3})
+    [submit] = send(conn, {"v": 1, "type": "npc.say", "id": "s2", "npc": "brom", "input": "And now?",
+                           "allowed_actions": ["none"]})
+    daemon.prepare(submit.job, count_tokens=lambda s: len(s.split()), n_ctx=4096)
+    assembler = daemon.assembler(submit.job)
+    assembler.feed('{"say": "No.", "emotion": "neutral", "action": "none"}')
+    daemon.finish(submit.job, GenerationResult(text="", finish_reason="stop", prompt_tokens=1, completion_tokens=1),
+                  assembler)
+    key, line = submit.job.experience
+    assert key == ("tavern", "brom", "s2") and line.endswith(b"\n") and line.count(b"\n") == 1
+    record = parse_entry(line.decode())
+    assert isinstance(record, ExperienceRecord)
+    assert (record.game, record.npc, record.reply_id, record.input) == ("tavern", "brom", "s2", "And now?")
+    assert record.allowed_actions == ["none"] and record.reply.say == "No." and record.feedback == []
+    # the history is what the prompt showed: the first line, with its state
+    assert [t.player for t in record.history] == ["Fix this?"] and record.history[0].state == {"gold": 3}
+    assert TOKEN.encode() not in line
+
+
+@pytest.mark.parametrize(("cfg", "record"), [({"record_experience": False}, True), ({}, False)])
+def test_nothing_is_recorded_unless_the_daemon_and_the_npc_opt_in(tmp_path: Path, cfg: dict[str, Any],
+                                                                   record: bool) -> None:
+    daemon, conn = _recording(tmp_path, record, **cfg)
+    [submit] = send(conn, {"v": 1, "type": "npc.say", "id": "s", "npc": "brom", "input": "Fix this?"})
+    daemon.prepare(submit.job, count_tokens=lambda s: len(s.split()), n_ctx=4096)
+    assembler = daemon.assembler(submit.job)
+    assembler.feed('{"say": "Aye.", "emotion": "angry", "action": "repair"}')
+    daemon.finish(submit.job, GenerationResult(text="", finish_reason="stop", prompt_tokens=1, completion_tokens=1),
+                  assembler)
+    assert submit.job.experience is None and not daemon.recorded
+    assert error_code(_feedback(conn)) == "not_recording"
+
+
+def test_feedback_is_checked_against_the_recorded_reply_and_becomes_a_feedback_line(tmp_path: Path) -> None:
+    from zyke.experience import FeedbackLine, parse_entry
+    from zyke_daemon.core import RecordFeedback
+
+    daemon, conn = _recording(tmp_path)
+    _finish(daemon, conn, '{"say": "Aye.", "emotion": "angry", "action": "repair"}', allowed_actions=["none", "repair"])
+    [action] = _feedback(conn, reward=-1, label={"action": "none", "emotion": "neutral"}, source="player", note="x")
+    assert isinstance(action, RecordFeedback) and action.request_id == "f" and action.key == ("tavern", "brom", "s")
+    line = parse_entry(action.line.decode())
+    assert isinstance(line, FeedbackLine) and line.feedback.reward == -1.0 and line.feedback.source == "player"
+    assert line.feedback.label is not None and line.feedback.label.action == "none" and line.feedback.note == "x"
+    # typed errors, one frame each, and the connection carries on
+    assert error_code(_feedback(conn, reply_id="nope")) == "unknown_reply"
+    assert error_code(_feedback(conn, label={"action": "dance"})) == "bad_label"
+    assert error_code(_feedback(conn, label={"emotion": "joyful"})) == "bad_label"
+    assert error_code(_feedback(conn, npc="mira")) == "unknown_npc"
+    assert error_code(_feedback(conn, reward=1.5)) == "bad_frame"
+    assert error_code(_feedback(conn, label={})) == "bad_frame"
+    assert error_code(_feedback(conn, token=TOKEN)) == "bad_frame"
+    assert error_code(send(conn, '{"v": 1, "type": "feedback", "id": "f", "npc": "brom", "reply_id": "s", '
+                                 '"reward": NaN}')) == "bad_frame"
+    [ok] = _feedback(conn)
+    assert isinstance(ok, RecordFeedback)
+    # a record holds at most 64 ratings: the 65th is refused before it reaches the file
+    for _ in range(62):
+        _feedback(conn)
+    assert error_code(_feedback(conn)) == "experience_full"
+
+
+def test_feedback_on_a_narrowed_turn_must_use_an_allowed_action(tmp_path: Path) -> None:
+    daemon, conn = _recording(tmp_path)
+    _finish(daemon, conn, '{"say": "No.", "emotion": "angry", "action": "none"}', allowed_actions=["none"])
+    assert error_code(_feedback(conn, label={"action": "repair"})) == "bad_label"
+    assert not isinstance(_feedback(conn, label={"action": "none"})[0], Send)
+
+
+def test_welcome_announces_feedback(tmp_path: Path) -> None:
+    c = make_daemon(tmp_path).connect()
+    [welcome] = frames(send(c, {"v": 1, "type": "hello", "id": "h", "token": TOKEN, "protocol": 1}))
+    assert "feedback" in welcome["capabilities"]

@@ -66,6 +66,9 @@ def cli() -> None:
               help="Who the game is for (default minor): what the safety rails block; an NPC can only narrow it.")
 @click.option("--safe-mode/--no-safe-mode", "safe_mode", default=None,
               help="Safety rails on (default) or off for every NPC; see docs/SAFETY.md.")
+@click.option("--record-experience/--no-record-experience", "record_experience", default=None,
+              help="Record the replies of NPCs defined with record: true, and the game's feedback on them, in "
+                   "<data dir>/experience (off by default; docs/EXPERIENCE.md).")
 @click.option("--detach", is_flag=True, help="Run in the background and return once the model is ready.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
 def start(detach: bool, **flags: Any) -> None:
@@ -180,6 +183,77 @@ def _start_detached() -> None:
             raise click.ClickException(f"the daemon did not become ready; see {log_path}")
     runtime = found[0]
     click.echo(f"zyke-daemon ready on ws://{runtime['host']}:{runtime['port']} (pid {proc.pid}, log {log_path})")
+
+
+@cli.group()
+def experience() -> None:
+    """Recorded play experience (docs/EXPERIENCE.md): where it is, export it, delete it."""
+
+
+@experience.command("path")
+def experience_path_cmd() -> None:
+    """Print the experience file's path (it exists once a reply was recorded)."""
+    from .experience import experience_path
+
+    click.echo(str(experience_path()))
+
+
+@experience.command("export")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the records to this file (default: standard output).")
+def experience_export(out: Path | None) -> None:
+    """Write every valid record, its feedback merged in, as experience JSONL (format v1).
+
+    Lines the reader refuses (a torn last line, a bad record) are left out and counted on stderr, so what is
+    exported is exactly what zyke-train reads."""
+    from zyke.experience import ExperienceError, read_experience
+
+    from .experience import experience_path
+
+    path = experience_path()
+    if not path.exists():
+        click.echo(f"no experience recorded ({path} does not exist)", err=True)
+        return
+    try:
+        result = read_experience([path])
+    except ExperienceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    lines = "".join(json.dumps(r.model_dump(mode="json", exclude_none=True), ensure_ascii=False) + "\n"
+                    for r in result.records)
+    if out is None:
+        click.echo(lines, nl=False)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(lines, encoding="utf-8")
+    rated = sum(1 for r in result.records if r.feedback)
+    click.echo(f"exported {len(result.records)} records ({rated} rated) from {path}"
+               + (f" to {out}" if out else "") + (f"; skipped {len(result.problems)} bad lines" if result.problems
+                                                  else ""), err=True)
+    for problem in result.problems[:10]:
+        click.echo(f"  skipped {problem}", err=True)
+
+
+@experience.command("clear")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def experience_clear(yes: bool) -> None:
+    """Delete the recorded experience (the player's right: nothing of it is kept anywhere else)."""
+    from zyke.experience import ExperienceError, read_experience
+
+    from .experience import experience_dir
+
+    files = sorted(experience_dir().glob("*.jsonl")) if experience_dir().is_dir() else []
+    if not files:
+        click.echo("no experience recorded; nothing to delete")
+        return
+    try:
+        records: int | str = len(read_experience(files).records)
+    except ExperienceError:  # too large or a newer format: still the player's to delete
+        records = "an unknown number of"
+    if not yes:
+        click.confirm(f"delete {records} recorded replies ({', '.join(str(f) for f in files)})?", abort=True)
+    for file in files:
+        file.unlink(missing_ok=True)
+    click.echo(f"deleted {records} records ({len(files)} file{'s' if len(files) != 1 else ''})")
 
 
 def main() -> None:

@@ -76,6 +76,9 @@ class DaemonConfig:
     safe_mode: bool = True
     #: the studio's own blocked and allowed words (TOML); None: safety.toml in the config dir when it exists
     safety_file: str | None = None
+    #: Experience recording (docs/EXPERIENCE.md), opt-in twice: with this on, the replies of NPCs defined with
+    #: ``record: true`` (and the feedback on them) are appended to <data dir>/experience/experience.jsonl.
+    record_experience: bool = False
 
     @property
     def is_loopback(self) -> bool:

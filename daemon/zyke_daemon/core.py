@@ -14,13 +14,18 @@ import itertools
 import json
 import logging
 import math
+import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
+from zyke.experience import FEEDBACK_KIND, FORMAT_VERSION, MAX_FEEDBACK, REPLY_ID_PATTERN, label_problem
+from zyke.experience import Limits as ExperienceLimits
 from zyke.prompt_format import allowed_action_names, render_prompt, reply_schema
 from zyke.protocol import (
     PROTOCOL_VERSION,
@@ -29,6 +34,7 @@ from zyke.protocol import (
     ClientFrame,
     Error,
     ErrorCode,
+    Feedback,
     Frame,
     GenerationOptions,
     ModelInfo,
@@ -71,7 +77,7 @@ log = logging.getLogger(__name__)
 #: older v1 daemon would refuse as bad_frame (docs/PROTOCOL.md): "choices" (described actions and emotions),
 #: "allowed_actions" (npc.say narrowing the actions of one line).
 CAPABILITIES = ["stream", "constrained", "cancel", "npc.state", "adapters", "choices", "allowed_actions",
-                "priority", "safety"]
+                "priority", "safety", "feedback"]
 DEFAULT_MAX_TOKENS = 96
 _CLIENT_FRAME: TypeAdapter[Any] = TypeAdapter(ClientFrame)
 
@@ -90,6 +96,10 @@ MAX_FRAME_DEPTH = MAX_FREEFORM_DEPTH + 8
 MAX_ERROR_MESSAGE_CHARS = 1000
 #: The only frames answered before hello: everything else is refused before any costly validation.
 _BEFORE_HELLO = frozenset({"hello", "ping"})
+#: How many recorded replies feedback can still name (oldest forgotten first): a game rates a reply seconds or
+#: minutes after it, and each entry holds a reference to an NPC spec, so the index stays small.
+MAX_RECORDED_REPLIES = 10_000
+_REPLY_ID = re.compile(REPLY_ID_PATTERN)
 
 
 # --- actions the server carries out ---------------------------------------------------------------
@@ -129,7 +139,26 @@ class Close:
     cap: str
 
 
-Action = Send | Submit | CancelJob | AdapterOp | Close
+@dataclass
+class RecordFeedback:
+    """Append a feedback line to the experience file (the recorder, experience.py), then answer ``ok`` (or the
+    recorder's typed error) to ``request_id``. ``key`` is the rated reply's (game, npc, reply_id)."""
+
+    request_id: str
+    key: tuple[str, str, str]
+    line: bytes
+
+
+Action = Send | Submit | CancelJob | AdapterOp | Close | RecordFeedback
+
+
+@dataclass
+class RecordedReply:
+    """What checking feedback on a recorded reply needs: the NPC as it replied and the turn's allowed actions."""
+
+    spec: NpcSpec
+    allowed: list[str] | None
+    ratings: int = 0
 
 
 @dataclass
@@ -161,6 +190,11 @@ class SayJob:
     timed_out: bool = False
     #: the server's handle on that deadline (an asyncio TimerHandle), cancelled when the job ends
     timer: Any = field(default=None, repr=False, compare=False)
+    #: the history turns the prompt showed (set by ``DaemonCore.prepare``), what an experience record holds
+    prompt_history: list[Turn] | None = field(default=None, repr=False, compare=False)
+    #: the experience record of the finished reply, ``(key, JSONL line)``, for the recorder to append (set by
+    #: ``DaemonCore.finish`` when the daemon and the NPC both record)
+    experience: tuple[tuple[str, str, str], bytes] | None = field(default=None, repr=False, compare=False)
 
     @property
     def npc_id(self) -> str:
@@ -191,6 +225,10 @@ class DaemonCore:
         #: seconds, for the per-connection rate limit (a test steps it by hand)
         self.clock: Callable[[], float] = time.monotonic
         self._conn_ids = itertools.count(1)
+        #: recorded replies feedback may name, by (game, npc, reply_id), oldest first (``MAX_RECORDED_REPLIES``)
+        self.recorded: OrderedDict[tuple[str, str, str], RecordedReply] = OrderedDict()
+        #: the experience format's caps: a record line over ``max_line_bytes`` drops its oldest history turns
+        self.experience_limits = ExperienceLimits()
 
     def connect(self) -> ConnectionCore:
         return ConnectionCore(self, next(self._conn_ids))
@@ -219,6 +257,7 @@ class DaemonCore:
                                   f"(context {n_ctx} less max_tokens {max_tokens}): shorten the input or the state",
                                   job.request_id)
             history.pop(0)
+        job.prompt_history = history
         return GenerationRequest(
             prompt=prompt,
             schema=reply_schema(session.spec, allowed_actions=allowed),
@@ -288,7 +327,37 @@ class DaemonCore:
         if safety is not None and job.frame.safety_report:  # opt-in: an older client never sees the field
             frame.safety = safety
         job.safety = safety  # counted in /metrics whether or not the client asked to see it
+        if self.config.record_experience and spec.record:
+            job.experience = self._experience(job, spec, allowed, reply)
         return dump_frame(frame)
+
+    def _experience(self, job: SayJob, spec: NpcSpec, allowed: list[str] | None,
+                    reply: NpcReply) -> tuple[tuple[str, str, str], bytes] | None:
+        """The reply as one experience record line (docs/EXPERIENCE.md), and its key; None when the format cannot
+        hold it (a request id outside its ReplyId pattern, an empty player line). Registers the reply so feedback
+        can name it. Pure: the recorder (experience.py) appends the line off the event loop."""
+        if not job.frame.input or not _REPLY_ID.match(job.request_id):
+            log.debug("not recording reply %r: its id or input does not fit the experience format", job.request_id)
+            return None
+        history = [t.model_dump(mode="json", exclude_none=True) for t in job.prompt_history or ()]
+        record = {"v": FORMAT_VERSION, "time": _utc_now(), "game": job.conn.game, "reply_id": job.request_id,
+                  "npc": job.npc_id, "spec": spec.model_dump(mode="json", exclude_none=True), "history": history,
+                  "state": job.frame.state, "allowed_actions": allowed, "input": job.frame.input,
+                  "reply": reply.model_dump(mode="json", exclude_none=True), "adapter": job.adapter, "feedback": []}
+        line = jsonl(record)
+        cap = self.experience_limits.max_line_bytes
+        while len(line) > cap and history:  # rare: a long history of large states; the oldest turns go first
+            del history[: max(1, len(history) // 4)]
+            line = jsonl(record)
+        if len(line) > cap:
+            log.warning("not recording reply %r: %d bytes, over the experience line cap", job.request_id, len(line))
+            return None
+        key = (job.conn.game, job.npc_id, job.request_id)
+        self.recorded.pop(key, None)  # a reused request id: feedback now rates the newer reply, as the reader does
+        self.recorded[key] = RecordedReply(spec, allowed)
+        while len(self.recorded) > MAX_RECORDED_REPLIES:
+            self.recorded.popitem(last=False)
+        return key, line
 
     def screen(self, job: SayJob, spec: NpcSpec) -> Screen:
         """The player's line screened by the rails, once per job (the first step that needs it)."""
@@ -455,6 +524,8 @@ class ConnectionCore:
                                                    history_turns=len(session.history))))]
             case NpcSay():
                 return self._say(frame)
+            case Feedback():
+                return self._feedback(frame)
             case Cancel():
                 job = self.pending.get(frame.target)
                 if job is None:
@@ -541,6 +612,43 @@ class ConnectionCore:
         self.pending[frame.id] = job
         return [Submit(job)]
 
+    def _feedback(self, frame: Feedback) -> list[Action]:
+        """A rating of a recorded reply: checked here against the NPC as it replied (the same rules the
+        experience reader applies, so an accepted rating never makes its record unreadable), written by the
+        recorder, answered ``ok`` once it is on disk."""
+        daemon = self.daemon
+        if not daemon.config.record_experience:
+            raise DaemonError(ErrorCode.NOT_RECORDING, "this daemon does not record experience; start it with "
+                              "--record-experience (docs/EXPERIENCE.md)", frame.id)
+        key = (self.game, frame.npc, frame.reply_id)
+        entry = daemon.recorded.get(key)
+        if entry is None:
+            session = daemon.sessions.get(self.game, frame.npc)
+            if session is None:
+                raise _unknown_npc(frame.npc, frame.id)
+            if not session.spec.record:
+                raise DaemonError(ErrorCode.NOT_RECORDING, f"NPC {frame.npc!r} does not record experience; define "
+                                  "it with record: true", frame.id)
+            raise DaemonError(ErrorCode.UNKNOWN_REPLY,
+                              f"no recorded reply {clip(frame.reply_id, 64)!r} of NPC {frame.npc!r}: feedback names "
+                              f"the npc.say id of a reply recorded since the daemon started (the last "
+                              f"{MAX_RECORDED_REPLIES})", frame.id)
+        problem = label_problem(entry.spec, entry.allowed, frame.label)
+        if problem:
+            raise DaemonError(ErrorCode.BAD_LABEL, f"NPC {frame.npc!r}: {problem}", frame.id)
+        if entry.ratings >= MAX_FEEDBACK:
+            raise DaemonError(ErrorCode.EXPERIENCE_FULL, f"reply {frame.reply_id!r} already has {MAX_FEEDBACK} "
+                              "ratings, the most one record holds", frame.id)
+        entry.ratings += 1
+        rating: dict[str, Any] = {"time": _utc_now(), "reward": frame.reward, "source": frame.source or "game"}
+        if frame.label is not None:
+            rating["label"] = frame.label.model_dump(exclude_none=True)
+        if frame.note is not None:
+            rating["note"] = frame.note
+        line = {"v": FORMAT_VERSION, "kind": FEEDBACK_KIND, "game": self.game, "npc": frame.npc,
+                "reply_id": frame.reply_id, "feedback": rating}
+        return [RecordFeedback(frame.id, key, jsonl(line))]
+
     def _check_spec(self, spec: NpcSpec, request_id: str) -> None:
         defaults = spec.defaults
         if defaults and defaults.emotion and defaults.emotion not in spec.emotion_names:
@@ -559,6 +667,15 @@ def token_cap(config: DaemonConfig, rank: int, max_tokens: int) -> int:
     a game asks background NPCs for short barks, and a misconfigured one still cannot make them long."""
     cap = {BACKGROUND: config.background_max_tokens, NORMAL: config.normal_max_tokens}.get(rank)
     return min(max_tokens, cap) if cap else max_tokens
+
+
+def jsonl(value: dict[str, Any]) -> bytes:
+    """One experience file line: compact UTF-8 JSON and its newline, appended by the recorder in one write."""
+    return (json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def error_frame(code: ErrorCode, message: str, request_id: str | None) -> dict[str, Any]:

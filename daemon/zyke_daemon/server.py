@@ -29,7 +29,7 @@ from zyke.paths import runtime_path
 from zyke.prompt_format import END_OF_REPLY
 from zyke.protocol import AdapterInfo, Adapters, ErrorCode, ReplyDelta, dump_frame
 
-from . import __version__
+from . import __version__, experience
 from .adapters import AdapterRegistry
 from .backends.base import ANY_ADAPTER, Backend, BatchItem
 from .config import DaemonConfig
@@ -372,6 +372,8 @@ class DaemonServer:
                 task = asyncio.create_task(self._adapter_op(peer, action))
                 self._tasks.add(task)  # keep a reference until done, or the loop may drop it
                 task.add_done_callback(self._tasks.discard)
+            case experience.RecordFeedback():  # appended off the loop, then answered ok (docs/EXPERIENCE.md)
+                experience.record_feedback(self.core, action, peer.send)
 
     def _expire(self, peer: _Peer, job: SayJob) -> None:
         """``request_timeout_s`` after a say was queued: a job still waiting is answered ``timeout`` here; a
@@ -610,6 +612,7 @@ class _JobRun:
         metrics.latency.observe(time.monotonic() - job.enqueued_at)
         metrics.count_safety(job.safety)
         peer.send(frame)
+        experience.record_reply(core, job)  # queued for the recorder's thread when the daemon and the NPC record
         if outcome.finish_reason != "stop":
             return None  # a cut-off reply is not what the history will hold
         return self.prompt + outcome.text + END_OF_REPLY, job.adapter

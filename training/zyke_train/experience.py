@@ -3,8 +3,8 @@
 One record is one NPC reply as a game saw it: the NPC (its ``NpcSpec``), the conversation before the
 line, the game state, the player's line, the reply, the adapter that wrote it, and the feedback the game
 sent afterwards (a reward in [-1, 1], optionally a label: the action, emotion or line that would have been
-right). The format is documented in ``docs/EXPERIENCE.md``; this module is its reference reader, so the
-daemon (which will write it) and training (which reads it) share one definition.
+right). The format is documented in ``docs/EXPERIENCE.md``; its models and reader are ``zyke.experience`` (the
+SDK's, so the daemon that writes it and training that reads it share one definition), re-exported here.
 
 Why a reader this strict:
 
@@ -28,205 +28,58 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
-from zyke.protocol.models import AdapterName, Label, NpcId, NpcReply, NpcSpec, Turn
+# The format's models and reader live in the SDK (``zyke.experience``), shared with the daemon's recorder and
+# ``zyke-daemon experience export``; they are re-exported here so training code keeps one import.
+from zyke.experience import (
+    FORMAT_VERSION,
+    BadRecord,
+    ExperienceError,
+    ExperienceRecord,
+    ExperienceTooLarge,
+    Feedback,
+    FeedbackLabel,
+    FeedbackLine,
+    Limits,
+    ReadResult,
+    ReplyId,
+    TornLine,
+    UnsupportedVersion,
+    iter_lines,
+    parse_entry,
+    parse_line,
+    read_experience,
+)
 
-#: The format version this reader understands (``v`` of every record).
-FORMAT_VERSION = 1
-#: A reply's id as the daemon assigns it (the request id of the npc.say it answered).
-ReplyId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+__all__ = [
+    "FORMAT_VERSION",
+    "BadRecord",
+    "ExperienceError",
+    "ExperienceRecord",
+    "ExperienceTooLarge",
+    "Feedback",
+    "FeedbackLabel",
+    "FeedbackLine",
+    "Limits",
+    "ReadResult",
+    "ReplyId",
+    "TornLine",
+    "UnsupportedVersion",
+    "convert",
+    "corrected_reply",
+    "iter_lines",
+    "parse_entry",
+    "parse_line",
+    "read_experience",
+    "record_id",
+    "to_npc_row",
+    "to_reward_row",
+]
 
-
-class ExperienceError(Exception):
-    """Anything wrong with an experience file; ``file`` and ``line`` (1-based, 0: the whole file) say where."""
-
-    def __init__(self, file: str, line: int, reason: str) -> None:
-        super().__init__(f"{file}:{line}: {reason}" if line else f"{file}: {reason}")
-        self.file = file
-        self.line = line
-        self.reason = reason
-
-
-class ExperienceTooLarge(ExperienceError):
-    """The file, a line or the record count is over its ``Limits``."""
-
-
-class UnsupportedVersion(ExperienceError):
-    """A record of a format version this reader does not know (written by a newer daemon)."""
-
-
-class BadRecord(ExperienceError):
-    """A line that is not a valid record (bad JSON, schema or consistency error)."""
-
-
-class TornLine(ExperienceError):
-    """The last line has no newline and does not parse: a writer killed mid-append. Skipped, not fatal."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Caps on what one read may hold. The defaults fit a long play session (a record is ~1-4 KB)."""
-
-    max_file_bytes: int = 64 << 20
-    max_line_bytes: int = 256 << 10
-    max_records: int = 100_000
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class FeedbackLabel(_Model):
-    """What would have been right. ``action`` is the common case ("should have been refuse")."""
-
-    action: Label | None = None
-    emotion: Label | None = None
-    say: Annotated[str, StringConstraints(max_length=600)] | None = None
-
-    @model_validator(mode="after")
-    def _not_empty(self) -> FeedbackLabel:
-        if self.action is None and self.emotion is None and self.say is None:
-            raise ValueError("a label needs at least one of action, emotion, say")
-        return self
-
-
-class Feedback(_Model):
-    """One rating of the reply, sent by the game after the fact (several may arrive for one reply)."""
-
-    time: datetime
-    reward: float = Field(ge=-1.0, le=1.0)
-    label: FeedbackLabel | None = None
-    #: Who rated: the game's code, the player, or a simulation (e.g. labels from a training split).
-    source: Literal["game", "player", "simulated"] = "game"
-    note: Annotated[str, StringConstraints(max_length=200)] | None = None
-
-
-class ExperienceRecord(_Model):
-    """One reply with its context and feedback; the line format of an experience file (``v`` = 1)."""
-
-    v: Literal[1]
-    time: datetime
-    game: NpcId | None = None
-    reply_id: ReplyId
-    npc: NpcId
-    spec: NpcSpec
-    history: list[Turn] = Field(default_factory=list, max_length=200)
-    state: dict[str, Any] | None = None
-    allowed_actions: list[Label] | None = Field(None, min_length=1, max_length=64)
-    input: Annotated[str, StringConstraints(min_length=1, max_length=4000)]
-    reply: NpcReply
-    adapter: AdapterName | None = None
-    feedback: list[Feedback] = Field(default_factory=list, max_length=64)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ExperienceRecord:
-        if self.npc != self.spec.id:
-            raise ValueError(f"npc {self.npc!r} is not the spec's id {self.spec.id!r}")
-        actions, emotions = set(self.spec.action_names), set(self.spec.emotion_names)
-        allowed = set(self.allowed_actions) if self.allowed_actions else actions
-        if not allowed <= actions:
-            raise ValueError(f"allowed_actions {sorted(allowed - actions)} are not declared by the NPC")
-        if self.reply.action not in allowed or self.reply.emotion not in emotions:
-            raise ValueError(f"reply uses {self.reply.action!r}/{self.reply.emotion!r}, outside the NPC's "
-                             "allowed actions/emotions")
-        for i, fb in enumerate(self.feedback):
-            if fb.label and fb.label.action is not None and fb.label.action not in allowed:
-                raise ValueError(f"feedback/{i}/label/action {fb.label.action!r} is not an allowed action")
-            if fb.label and fb.label.emotion is not None and fb.label.emotion not in emotions:
-                raise ValueError(f"feedback/{i}/label/emotion {fb.label.emotion!r} is not a declared emotion")
-        return self
-
-    @property
-    def reward(self) -> float | None:
-        """The mean reward of the feedback entries (None without feedback)."""
-        return sum(f.reward for f in self.feedback) / len(self.feedback) if self.feedback else None
-
-    @property
-    def label(self) -> FeedbackLabel | None:
-        """The labels merged, later entries winning field by field (the game may correct itself)."""
-        merged: dict[str, Any] = {}
-        for fb in self.feedback:
-            if fb.label is not None:
-                merged |= fb.label.model_dump(exclude_none=True)
-        return FeedbackLabel(**merged) if merged else None
-
-
-@dataclass
-class ReadResult:
-    records: list[ExperienceRecord] = field(default_factory=list)
-    #: Lines that were skipped (``strict=False``): bad records and a torn last line.
-    problems: list[ExperienceError] = field(default_factory=list)
-
-
-def parse_line(text: str, file: str = "<line>", line: int = 1) -> ExperienceRecord:
-    """One record from one JSONL line; raises ``UnsupportedVersion`` or ``BadRecord``."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadRecord(file, line, f"not JSON ({exc.msg}, column {exc.colno})") from exc
-    if not isinstance(raw, dict):
-        raise BadRecord(file, line, "a record is a JSON object")
-    if raw.get("v") != FORMAT_VERSION:
-        raise UnsupportedVersion(file, line, f"format version {raw.get('v')!r}; this reader knows "
-                                             f"{FORMAT_VERSION} (update zyke-train)")
-    try:
-        return ExperienceRecord.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = "/".join(str(p) for p in err["loc"]) or "(record)"
-        raise BadRecord(file, line, f"{where}: {err['msg']}") from exc
-
-
-def iter_lines(path: Path, limits: Limits) -> Iterator[tuple[int, str, bool]]:
-    """``(line number, text, ends with a newline)`` of a file within ``limits``; raises ExperienceTooLarge."""
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise ExperienceError(str(path), 0, f"cannot read: {exc}") from exc
-    if size > limits.max_file_bytes:
-        raise ExperienceTooLarge(str(path), 0, f"{size} bytes, over the {limits.max_file_bytes}-byte cap")
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if len(raw) > limits.max_line_bytes:
-                raise ExperienceTooLarge(str(path), lineno, f"line of {len(raw)} bytes, over the "
-                                                            f"{limits.max_line_bytes}-byte cap")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise BadRecord(str(path), lineno, f"not UTF-8 ({exc.reason})") from exc
-            yield lineno, text, text.endswith("\n")
-
-
-def read_experience(paths: Iterable[Path], limits: Limits = Limits(), strict: bool = False) -> ReadResult:
-    """Every record of the files, in order. ``strict``: the first problem raises; otherwise bad lines are
-    collected in ``problems`` and skipped. A file over its caps or of an unknown version always raises: the
-    first means it is not an experience file of ours, the second that skipping would hide every record."""
-    result = ReadResult()
-    for path in paths:
-        for lineno, text, complete in iter_lines(path, limits):
-            if not text.strip():
-                continue
-            try:
-                record = parse_line(text, str(path), lineno)
-            except UnsupportedVersion:
-                raise
-            except BadRecord as exc:
-                problem: ExperienceError = exc if complete else TornLine(str(path), lineno, f"torn last line "
-                                                                                             f"({exc.reason})")
-                if strict and complete:
-                    raise
-                result.problems.append(problem)
-                continue
-            if len(result.records) >= limits.max_records:
-                raise ExperienceTooLarge(str(path), lineno, f"more than {limits.max_records} records")
-            result.records.append(record)
-    return result
+_DEFAULT_LIMITS = Limits()  # frozen: safe as a shared default
 
 
 def record_id(record: ExperienceRecord) -> str:
@@ -281,7 +134,7 @@ def to_reward_row(record: ExperienceRecord) -> dict[str, Any] | None:
     }
 
 
-def convert(paths: Iterable[Path], out: Path, min_reward: float = 0.5, limits: Limits = Limits()
+def convert(paths: Iterable[Path], out: Path, min_reward: float = 0.5, limits: Limits = _DEFAULT_LIMITS
             ) -> dict[str, Any]:
     """``zyke-train blocks --experience``: write ``npc_rows.jsonl`` and ``reward_rows.jsonl`` into ``out``
     (plus ``experience_manifest.json`` with the counts) and return the counts.

@@ -50,6 +50,8 @@ from .protocol import (
     AdapterUnload,
     Cancel,
     Error,
+    Feedback,
+    FeedbackLabel,
     Frame,
     GenerationOptions,
     Hello,
@@ -72,7 +74,7 @@ from .protocol import (
     dump_frame,
 )
 from .protocol.models import Audience, ClientInfo, Priority
-from .response import NpcResponse, OptionsLike, build_options
+from .response import LabelLike, NpcResponse, OptionsLike, Source, build_options
 
 log = logging.getLogger("zyke")
 
@@ -93,7 +95,7 @@ class _Unset:
 DEFAULT: Any = _Unset()
 Timeout = float | None | _Unset
 _Item = Frame | BaseException
-_Request = NpcDefine | NpcStateGet | NpcStateSet | NpcReset | AdapterList | Ping | Cancel
+_Request = NpcDefine | NpcStateGet | NpcStateSet | NpcReset | AdapterList | Ping | Cancel | Feedback
 F = TypeVar("F", bound=Frame)
 
 
@@ -219,7 +221,7 @@ class AsyncClient:
                   default_emotion: str | None = None, default_action: str | None = None,
                   options: OptionsLike = None, priority: Priority | None = None,
                   audience: Audience | None = None, refusal_action: str | None = None,
-                  blocked_words: Sequence[str] | None = None) -> AsyncNpc:
+                  blocked_words: Sequence[str] | None = None, record: bool | None = None) -> AsyncNpc:
         """Define (or update) an NPC on the daemon and return a handle to talk to it.
 
         An NPC that already exists keeps its conversation history, so a game can define its NPCs on
@@ -233,7 +235,9 @@ class AsyncClient:
         NPC's lines when a call names none (docs/SCHEDULING.md; needs the daemon's ``priority`` capability).
         ``audience`` (``"minor"``, ``"teen"``, ``"adult"``) narrows the daemon's safety audience for this NPC (it
         can never loosen it), ``refusal_action`` is the declared action a deflected reply takes, and
-        ``blocked_words`` are extra words it never says (docs/SAFETY.md).
+        ``blocked_words`` are extra words it never says (docs/SAFETY.md). ``record=True`` opts the NPC in to
+        experience recording (its replies and the feedback on them are kept on this machine when the daemon
+        records too, ``zyke-daemon start --record-experience``; docs/EXPERIENCE.md).
         """
         defaults = None
         opts = build_options(options)
@@ -242,7 +246,8 @@ class AsyncClient:
         spec = NpcSpec(id=npc_id, name=name, persona=persona, actions=build_choices(actions, "actions"),
                        emotions=build_choices(emotions, "emotions"), defaults=defaults, adapter=adapter,
                        max_history=max_history, audience=audience, refusal_action=refusal_action,
-                       blocked_words=list(blocked_words) if blocked_words is not None else None)
+                       blocked_words=list(blocked_words) if blocked_words is not None else None,
+                       record=record)
         return await self.define(spec)
 
     async def define(self, spec: NpcSpec) -> AsyncNpc:
@@ -312,9 +317,11 @@ class AsyncClient:
     def _timeout(self, timeout: Timeout) -> float | None:
         return self.timeout if isinstance(timeout, _Unset) else timeout
 
-    async def _request(self, frame: _Request, expect: type[F], *, timeout: Timeout = DEFAULT) -> F:
-        """Send one request and wait for its single answer. Safe to retry once when the connection
-        dropped (every request sent this way is idempotent; npc.say goes through ``_say``)."""
+    async def _request(self, frame: _Request, expect: type[F], *, timeout: Timeout = DEFAULT,
+                       idempotent: bool = True) -> F:
+        """Send one request and wait for its single answer. Retried once when the connection dropped, if
+        ``idempotent`` (npc.say goes through ``_say``; feedback is not retried once sent: it may have been
+        recorded, and a second rating would count twice)."""
         seconds = self._timeout(timeout)
         deadline = _deadline(seconds)
         for attempt in range(2):
@@ -323,7 +330,7 @@ class AsyncClient:
             try:
                 await conn.send(frame)
                 item = await _next(queue, deadline, seconds, frame.id)
-                if isinstance(item, ConnectionLost) and attempt == 0:
+                if isinstance(item, ConnectionLost) and attempt == 0 and idempotent:
                     continue
             except _NotSent:
                 if attempt == 0:
@@ -378,9 +385,13 @@ class AsyncClient:
                 conn.pending.pop(frame.id, None)
                 if not finished:  # timed out, or the calling task was cancelled: stop the work too
                     self._cancel_soon(conn, frame.id)
-            return NpcResponse.from_frame(_expect(item, Reply))
+            return self._bound(NpcResponse.from_frame(_expect(item, Reply)))
         finally:
             self._release_slot()
+
+    def _bound(self, response: NpcResponse) -> NpcResponse:
+        """``response.rate(...)`` sends feedback through this client (an awaitable)."""
+        return response._bind(AsyncNpc(self, response.npc).feedback)
 
     def _cancel_soon(self, conn: _Conn, target: str) -> None:
         """Send a cancel for ``target`` without waiting for its ok (safe from finally blocks)."""
@@ -714,6 +725,26 @@ class AsyncNpc:
         """Forget the conversation history; the definition stays."""
         await self._client._request(NpcReset(id=self._client._new_id("r"), npc=self.id), Ok)
 
+    async def feedback(self, reply_id: str | NpcResponse, reward: float, *, label: LabelLike = None,
+                       source: Source | None = None, note: str | None = None, timeout: Timeout = DEFAULT) -> None:
+        """Rate one of this NPC's replies after the fact (``reply_id``: its ``response.request_id``, or the
+        response itself): ``reward`` in [-1, 1], ``label`` what would have been right (``{"action": "refuse"}``,
+        an action the turn allowed, an emotion the NPC declared, or a ``say`` line), ``source`` who rated
+        (``"game"``, ``"player"``, ``"simulated"``), ``note`` free text never trained on.
+
+        Recorded with the reply when the daemon records experience and the NPC was defined with ``record=True``
+        (docs/EXPERIENCE.md); returns once it is stored. Raises ``NotRecording`` (recording is off for the daemon
+        or the NPC), ``UnknownReply`` (no such recorded reply), ``BadLabel``, ``ExperienceFull``; a bad value
+        (``reward=2``) raises pydantic's ``ValidationError`` before anything is sent. Not retried after a lost
+        connection (``ConnectionLost``): the daemon may have recorded it.
+        """
+        rid = reply_id.request_id if isinstance(reply_id, NpcResponse) else reply_id
+        parsed = label if label is None or isinstance(label, FeedbackLabel) else FeedbackLabel.model_validate(
+            dict(label))
+        frame = Feedback(id=self._client._new_id("f"), npc=self.id, reply_id=rid, reward=reward, label=parsed,
+                         source=source, note=note)
+        await self._client._request(frame, Ok, timeout=timeout, idempotent=False)
+
 
 class AsyncReplyStream:
     """A streamed reply: async-iterate for pieces of text, then read ``response``.
@@ -792,7 +823,7 @@ class AsyncReplyStream:
             self.text += item.text
             return item.text
         self._finish()
-        self.response = NpcResponse.from_frame(_expect(item, Reply))
+        self.response = self._client._bound(NpcResponse.from_frame(_expect(item, Reply)))
         return None
 
     async def final(self) -> NpcResponse:

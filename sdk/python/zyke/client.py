@@ -16,7 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -34,7 +34,7 @@ from .choices import ChoicesLike
 from .errors import ZykeError
 from .protocol import AdapterInfo, NpcSpec, NpcState, Priority, Welcome
 from .protocol.models import Audience
-from .response import NpcResponse, OptionsLike
+from .response import LabelLike, NpcResponse, OptionsLike, Source
 
 T = TypeVar("T")
 
@@ -119,7 +119,8 @@ class Client:
             max_history: int | None = None, default_emotion: str | None = None,
             default_action: str | None = None, options: OptionsLike = None,
             priority: Priority | None = None, audience: Audience | None = None,
-            refusal_action: str | None = None, blocked_words: Sequence[str] | None = None) -> Npc:
+            refusal_action: str | None = None, blocked_words: Sequence[str] | None = None,
+            record: bool | None = None) -> Npc:
         """Define (or update) an NPC and return a handle to talk to it.
 
         An NPC that already exists keeps its conversation history, so a game can define its NPCs on
@@ -130,13 +131,14 @@ class Client:
         (``"foreground"``, ``"normal"`` or ``"background"``: how soon the daemon serves its lines).
         ``audience`` narrows the daemon's safety audience for this NPC (``"minor"``, ``"teen"``, ``"adult"``;
         never looser than the daemon's), ``refusal_action`` is the action a deflected reply takes and
-        ``blocked_words`` extra words it never says (docs/SAFETY.md).
+        ``blocked_words`` extra words it never says (docs/SAFETY.md). ``record=True`` opts the NPC in to
+        experience recording, which the daemon must have on too (docs/EXPERIENCE.md).
         """
         anpc = self._call(self._async.npc(npc_id, persona, actions, emotions, name=name, adapter=adapter,
                                           max_history=max_history, default_emotion=default_emotion,
                                           default_action=default_action, options=options, priority=priority,
                                           audience=audience, refusal_action=refusal_action,
-                                          blocked_words=blocked_words))
+                                          blocked_words=blocked_words, record=record))
         return Npc(self, anpc)
 
     def define(self, spec: NpcSpec) -> Npc:
@@ -162,6 +164,20 @@ class Client:
     def ping(self, timeout: Timeout = DEFAULT) -> None:
         """One round trip to the daemon; raises if it does not answer."""
         self._call(self._async.ping(timeout))
+
+    def _bound(self, response: NpcResponse | None) -> NpcResponse | None:
+        """``response.rate(...)`` through this client: it blocks, as every call of the sync client does."""
+        if response is not None:
+            def rate(reply_id: str, reward: float, **kw: Any) -> None:
+                Npc(self, AsyncNpc(self._async, response.npc)).feedback(reply_id, reward, **kw)
+
+            response._bind(rate)
+        return response
+
+    async def _bound_async(self, say: Awaitable[NpcResponse]) -> NpcResponse:
+        response = await say
+        self._bound(response)
+        return response
 
     def close(self) -> None:
         """Close the connection, stop an autostarted daemon and the background thread. Idempotent."""
@@ -240,11 +256,11 @@ class Npc:
         ``priority`` overrides the NPC's default for this line; ``deadline_ms`` drops it with ``Expired`` if it
         has not started within that many milliseconds (docs/SCHEDULING.md).
         """
-        return self._client._call(self._async.say(
+        return self._client._call(self._client._bound_async(self._async.say(
             text, state=state, options=options, adapter=adapter, timeout=timeout, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions,
-            priority=priority, deadline_ms=deadline_ms))
+            priority=priority, deadline_ms=deadline_ms)))
 
     def submit(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
                adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
@@ -257,11 +273,11 @@ class Npc:
 
         ``future.done()`` / ``future.result()`` as usual; ``future.cancel()`` cancels the line on the daemon.
         """
-        return self._client._submit(self._async.say(
+        return self._client._submit(self._client._bound_async(self._async.say(
             text, state=state, options=options, adapter=adapter, timeout=timeout, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions,
-            priority=priority, deadline_ms=deadline_ms))
+            priority=priority, deadline_ms=deadline_ms)))
 
     def stream(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
                adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
@@ -295,6 +311,15 @@ class Npc:
         """Forget the conversation history; the definition stays."""
         self._client._call(self._async.reset())
 
+    def feedback(self, reply_id: str | NpcResponse, reward: float, *, label: LabelLike = None,
+                 source: Source | None = None, note: str | None = None, timeout: Timeout = DEFAULT) -> None:
+        """Rate one of this NPC's replies after the fact; blocks until the daemon stored it. ``reply_id`` is the
+        response's ``request_id`` (or the response), ``reward`` in [-1, 1], ``label`` what would have been right
+        (``{"action": "refuse"}``). Needs recording on for the daemon and this NPC (``record=True``); see
+        ``AsyncNpc.feedback`` for the errors. ``response.rate(...)`` is the same call."""
+        self._client._call(self._async.feedback(reply_id, reward, label=label, source=source, note=note,
+                                                timeout=timeout))
+
 
 class ReplyStream:
     """A streamed reply: iterate for pieces of text, then read ``response``.
@@ -317,7 +342,7 @@ class ReplyStream:
     @property
     def response(self) -> NpcResponse | None:
         """The final reply, once the iteration has ended."""
-        return self._async.response
+        return self._client._bound(self._async.response)
 
     @property
     def done(self) -> bool:
@@ -334,7 +359,7 @@ class ReplyStream:
 
     def final(self) -> NpcResponse:
         """Consume what is left and return the whole reply."""
-        return self._client._call(self._async.final())
+        return self._client._call(self._client._bound_async(self._async.final()))
 
     def cancel(self) -> None:
         """Stop the generation on the daemon; the next iteration raises ``Cancelled``."""

@@ -96,6 +96,26 @@ class Expired(ProtocolError):
     background lines) and was dropped unanswered (code ``expired``): a late bark is worse than none."""
 
 
+class UnknownReply(ProtocolError):
+    """``feedback`` named a reply the daemon has no record of (code ``unknown_reply``): not a recorded reply of
+    that NPC since the daemon started, or its record was cleared. Rate replies by ``response.request_id``."""
+
+
+class NotRecording(ProtocolError):
+    """``feedback`` on an NPC whose replies are not recorded (code ``not_recording``): the daemon runs without
+    ``--record-experience``, or the NPC was defined without ``record=True`` (docs/EXPERIENCE.md)."""
+
+
+class ExperienceFull(NotRecording):
+    """The experience file, or the reply's record, holds all it may (code ``experience_full``): export and clear
+    it (``zyke-daemon experience export``, ``clear``)."""
+
+
+class BadLabel(ProtocolError):
+    """``feedback``'s label names an action the reply's turn did not allow, or an emotion the NPC did not declare
+    (code ``bad_label``)."""
+
+
 class GenerationFailed(ProtocolError):
     """The model failed to produce a valid reply (codes ``generation_failed`` / ``model_error``)."""
 
@@ -113,6 +133,10 @@ _BY_CODE: dict[str, type[ProtocolError]] = {
     ErrorCode.EXPIRED: Expired,
     ErrorCode.GENERATION_FAILED: GenerationFailed,
     ErrorCode.MODEL_ERROR: GenerationFailed,
+    ErrorCode.UNKNOWN_REPLY: UnknownReply,
+    ErrorCode.NOT_RECORDING: NotRecording,
+    ErrorCode.EXPERIENCE_FULL: ExperienceFull,
+    ErrorCode.BAD_LABEL: BadLabel,
 }
 
 

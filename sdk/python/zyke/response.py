@@ -7,14 +7,23 @@ the rest (usage, timings, finish reason) next to them for logging and tuning.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .protocol import GenerationOptions, NpcReply, Reply, Safety, Timings, Usage
+from .errors import ZykeError
+from .protocol import FeedbackLabel, GenerationOptions, NpcReply, Reply, Safety, Timings, Usage
 
 OptionsLike = GenerationOptions | Mapping[str, Any] | None
+#: A feedback label: a ``FeedbackLabel`` or a dict with some of ``action``, ``emotion``, ``say``.
+LabelLike = FeedbackLabel | Mapping[str, str] | None
+#: Who rated a reply: ``"game"`` (the default), ``"player"`` or ``"simulated"``.
+Source = Literal["game", "player", "simulated"]
+#: id(response) -> how to rate it (its client's feedback call). Kept beside the model, not in it, so a response
+#: stays a plain value: equal, picklable and copyable whatever client it came through.
+_RATERS: dict[int, Callable[..., Any]] = {}
 
 
 class NpcResponse(BaseModel):
@@ -36,6 +45,28 @@ class NpcResponse(BaseModel):
     timings: Timings
     #: set when a safety rail intervened (the player's line was deflected, or words were kept out of the line)
     safety: Safety | None = None
+    def rate(self, reward: float, *, label: LabelLike = None, source: Source | None = None,
+             note: str | None = None) -> Any:
+        """Rate this reply after the fact: ``reward`` in [-1, 1] (+1: the player laughed, the quest went on; -1: it
+        broke the scene), ``label`` what would have been right (``{"action": "refuse"}``). Recorded with the reply
+        when the daemon and the NPC record experience (docs/EXPERIENCE.md); raises ``NotRecording``,
+        ``UnknownReply`` or ``BadLabel`` otherwise.
+
+        From a ``Client`` this blocks until the daemon stored it; from an ``AsyncClient`` it returns an awaitable
+        (``await reply.rate(1)``). The same as ``npc.feedback(reply.request_id, ...)``."""
+        rater = _RATERS.get(id(self))
+        if rater is None:
+            raise ZykeError("this response was not received through a client (a copy?); use "
+                            "npc.feedback(response.request_id, ...)")
+        return rater(self.request_id, reward, label=label, source=source, note=note)
+
+    def _bind(self, rater: Callable[..., Any]) -> NpcResponse:
+        """Tie ``rate`` to a client's feedback call ``rater(reply_id, reward, label=, source=, note=)``."""
+        key = id(self)
+        if key not in _RATERS:
+            weakref.finalize(self, _RATERS.pop, key, None)
+        _RATERS[key] = rater
+        return self
 
     @property
     def say(self) -> str:

@@ -20,6 +20,7 @@ const FRAME_ADAPTER_LIST := "adapter.list"
 const FRAME_ADAPTER_LOAD := "adapter.load"
 const FRAME_ADAPTER_UNLOAD := "adapter.unload"
 const FRAME_PING := "ping"
+const FRAME_FEEDBACK := "feedback"
 
 # Frame types the daemon sends.
 const FRAME_WELCOME := "welcome"
@@ -56,6 +57,10 @@ const ERROR_MODEL_ERROR := "model_error"
 const ERROR_INTERNAL := "internal"
 const ERROR_RATE_LIMITED := "rate_limited"
 const ERROR_TOO_MANY_CONNECTIONS := "too_many_connections"
+const ERROR_UNKNOWN_REPLY := "unknown_reply"
+const ERROR_NOT_RECORDING := "not_recording"
+const ERROR_BAD_LABEL := "bad_label"
+const ERROR_EXPERIENCE_FULL := "experience_full"
 
 # Why a reply ended.
 const FINISH_STOP := "stop"
@@ -94,6 +99,7 @@ const CLIENT_FRAME_TYPES := [
 	"adapter.load",
 	"adapter.unload",
 	"ping",
+	"feedback",
 ]
 
 const SERVER_FRAME_TYPES := [
@@ -132,6 +138,10 @@ const ERROR_CODES := [
 	"internal",
 	"rate_limited",
 	"too_many_connections",
+	"unknown_reply",
+	"not_recording",
+	"bad_label",
+	"experience_full",
 ]
 
 const FINISH_REASONS := [

@@ -199,6 +199,29 @@ func say(
 	return _request(ZykeProtocol.FRAME_NPC_SAY, body, npc_id)
 
 
+## Rate an earlier reply of an NPC, after the fact (docs/EXPERIENCE.md): [param reply_id] is
+## the request id [method say] returned, [param reward] from -1 (it broke the scene) to 1 (the
+## player laughed), [param label] what would have been right ({"action": "refuse"}; keys action,
+## emotion, say; empty: none), [param source] "game", "player" or "simulated" (empty: game).
+## Recorded with the reply when the daemon records experience and the NPC was defined with
+## "record": true; answered by response_received with an ok frame, else
+## error(ZykeProtocol.ERROR_NOT_RECORDING, ERROR_UNKNOWN_REPLY, ERROR_BAD_LABEL or
+## ERROR_EXPERIENCE_FULL). Needs the daemon's "feedback" capability.
+func feedback(
+	npc_id: String,
+	reply_id: String,
+	reward: float,
+	label: Dictionary = {},
+	source := ""
+) -> String:
+	var body := {"npc": npc_id, "reply_id": reply_id, "reward": reward}
+	if not label.is_empty():
+		body["label"] = label
+	if not source.is_empty():
+		body["source"] = source
+	return _request(ZykeProtocol.FRAME_FEEDBACK, body, npc_id)
+
+
 ## Stop a say in flight; it ends with error(cancelled).
 func cancel(target_request_id: String) -> String:
 	return _request(ZykeProtocol.FRAME_CANCEL, {"target": target_request_id}, "")

@@ -46,6 +46,10 @@ const MAX_DESCRIPTION_LENGTH := 200
 @export var refusal_action := ""
 ## Extra words or phrases this NPC never says, on top of its audience's lists.
 @export var blocked_words := PackedStringArray()
+@export_group("Experience")
+## Opt this NPC in to experience recording: its replies and the feedback on them are kept on the
+## player's machine when the daemon records too (zyke-daemon start --record-experience).
+@export var record_experience := false
 @export_group("")
 @export_group("Generation")
 @export_range(1, 1024) var max_tokens := 64
@@ -188,6 +192,8 @@ func _build_spec(found: Array[Dictionary]) -> Dictionary:
 			words.append(word)
 	if not words.is_empty():
 		out["blocked_words"] = Array(words)
+	if record_experience:
+		out["record"] = true
 	return out
 
 
@@ -241,6 +247,14 @@ func say(
 	return client.say(
 		npc_id, text, state, options, stream, allowed_actions, "" if p == "normal" else p, deadline_ms
 	)
+
+
+## Rate one of this NPC's replies after the fact: [param request_id] is what [method say]
+## returned, [param reward] from -1 to 1, [param label] what would have been right, e.g.
+## {"action": "refuse"}. Needs [member record_experience] and a daemon that records; errors arrive
+## on [signal error] (ZykeProtocol.ERROR_NOT_RECORDING, ERROR_UNKNOWN_REPLY, ERROR_BAD_LABEL).
+func feedback(request_id: String, reward: float, label := {}, source := "") -> String:
+	return client.feedback(npc_id, request_id, reward, label, source)
 
 
 ## Stop the reply [param request_id] is generating.

@@ -77,6 +77,9 @@ namespace Zyke
         public string RefusalAction;
         /// <summary>Extra words or phrases this NPC never says, on top of its audience's lists.</summary>
         public List<string> BlockedWords;
+        /// <summary>Opt in to experience recording: this NPC's replies and the feedback on them are kept on the
+        /// player's machine when the daemon records too (--record-experience; docs/EXPERIENCE.md).</summary>
+        public bool Record;
 
         public NpcSpec() { }
 
@@ -151,6 +154,7 @@ namespace Zyke
             if (Audience != null) o["audience"] = Audience;
             if (RefusalAction != null) o["refusal_action"] = RefusalAction;
             if (BlockedWords != null && BlockedWords.Count > 0) o["blocked_words"] = new List<object>(BlockedWords);
+            if (Record) o["record"] = true;
             if (DefaultEmotion != null || DefaultAction != null || DefaultOptions != null)
             {
                 var d = new Dictionary<string, object>();
@@ -177,6 +181,8 @@ namespace Zyke
             spec.Audience = JsonRead.Str(o, "audience");
             spec.RefusalAction = JsonRead.Str(o, "refusal_action");
             if (o.ContainsKey("blocked_words")) spec.BlockedWords = JsonRead.Strings(o, "blocked_words");
+            object record;
+            spec.Record = o.TryGetValue("record", out record) && record is bool && (bool)record;
             var d = JsonRead.Obj(o, "defaults");
             if (d != null)
             {
@@ -265,6 +271,24 @@ namespace Zyke
     }
 
     /// <summary>The answer to a say: the reply plus how it was produced.</summary>
+    /// <summary>What would have been right for a rated reply (feedback's label): set at least one. Action must
+    /// be one the turn allowed, Emotion one the NPC declared.</summary>
+    public sealed class FeedbackLabel
+    {
+        public string Action;
+        public string Emotion;
+        public string Say;
+
+        public Dictionary<string, object> ToJson()
+        {
+            var o = new Dictionary<string, object>();
+            if (Action != null) o["action"] = Action;
+            if (Emotion != null) o["emotion"] = Emotion;
+            if (Say != null) o["say"] = Say;
+            return o;
+        }
+    }
+
     public sealed class SayResult
     {
         public string RequestId;

@@ -67,6 +67,7 @@ namespace Zyke
                 Id = spec.Id, Name = spec.Name, Persona = spec.Persona, DefaultOptions = spec.DefaultOptions,
                 Adapter = spec.Adapter, MaxHistory = spec.MaxHistory,
                 BlockedWords = spec.BlockedWords == null ? null : new List<string>(spec.BlockedWords),
+                Record = spec.Record,
             };
             if (!IsValidId(fixedSpec.Id))
             {

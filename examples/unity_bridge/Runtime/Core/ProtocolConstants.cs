@@ -23,6 +23,7 @@ namespace Zyke
             public const string AdapterLoad = @"adapter.load";
             public const string AdapterUnload = @"adapter.unload";
             public const string Ping = @"ping";
+            public const string Feedback = @"feedback";
             public const string Welcome = @"welcome";
             public const string NpcDefined = @"npc.defined";
             public const string ReplyDelta = @"reply.delta";
@@ -60,6 +61,10 @@ namespace Zyke
             public const string Internal = @"internal";
             public const string RateLimited = @"rate_limited";
             public const string TooManyConnections = @"too_many_connections";
+            public const string UnknownReply = @"unknown_reply";
+            public const string NotRecording = @"not_recording";
+            public const string BadLabel = @"bad_label";
+            public const string ExperienceFull = @"experience_full";
         }
 
         /// <summary>Values of a reply frame's "finish_reason".</summary>
@@ -99,9 +104,9 @@ namespace Zyke
             public const string Custom = @"custom";
         }
 
-        public static readonly string[] ClientFrameTypes = new string[] { @"hello", @"npc.define", @"npc.say", @"cancel", @"npc.reset", @"npc.state.get", @"npc.state.set", @"adapter.list", @"adapter.load", @"adapter.unload", @"ping" };
+        public static readonly string[] ClientFrameTypes = new string[] { @"hello", @"npc.define", @"npc.say", @"cancel", @"npc.reset", @"npc.state.get", @"npc.state.set", @"adapter.list", @"adapter.load", @"adapter.unload", @"ping", @"feedback" };
         public static readonly string[] ServerFrameTypes = new string[] { @"welcome", @"npc.defined", @"reply.delta", @"reply", @"npc.state", @"adapters", @"pong", @"ok", @"error" };
-        public static readonly string[] AllErrorCodes = new string[] { @"bad_json", @"bad_frame", @"unknown_type", @"unsupported_version", @"frame_too_large", @"not_authenticated", @"unauthorized", @"duplicate_id", @"unknown_npc", @"unknown_adapter", @"unknown_action", @"adapter_rejected", @"unknown_request", @"queue_full", @"too_long", @"timeout", @"cancelled", @"expired", @"generation_failed", @"model_error", @"internal", @"rate_limited", @"too_many_connections" };
+        public static readonly string[] AllErrorCodes = new string[] { @"bad_json", @"bad_frame", @"unknown_type", @"unsupported_version", @"frame_too_large", @"not_authenticated", @"unauthorized", @"duplicate_id", @"unknown_npc", @"unknown_adapter", @"unknown_action", @"adapter_rejected", @"unknown_request", @"queue_full", @"too_long", @"timeout", @"cancelled", @"expired", @"generation_failed", @"model_error", @"internal", @"rate_limited", @"too_many_connections", @"unknown_reply", @"not_recording", @"bad_label", @"experience_full" };
         public static readonly string[] AllFinishReasons = new string[] { @"stop", @"length" };
         public static readonly string[] AllPriorities = new string[] { @"foreground", @"normal", @"background" };
         public static readonly string[] AllAudiences = new string[] { @"minor", @"teen", @"adult" };

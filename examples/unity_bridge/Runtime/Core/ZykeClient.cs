@@ -167,6 +167,23 @@ namespace Zyke
             return RequestAsync(frame, null, ct);
         }
 
+        /// <summary>Rate an earlier reply after the fact (docs/EXPERIENCE.md): replyId is its SayResult.RequestId,
+        /// reward from -1 (it broke the scene) to 1 (the player laughed), label what would have been right (null:
+        /// none), source "game", "player" or "simulated" (null: game). Recorded with the reply when the daemon
+        /// records experience and the NPC has Record set; otherwise a ZykeException with Code not_recording,
+        /// unknown_reply, bad_label or experience_full. Needs the daemon's "feedback" capability.</summary>
+        public Task FeedbackAsync(string npcId, string replyId, double reward, FeedbackLabel label = null,
+                                  string source = null, CancellationToken ct = default(CancellationToken))
+        {
+            var frame = NewFrame(ProtocolConstants.FrameTypes.Feedback, null);
+            frame["npc"] = npcId;
+            frame["reply_id"] = replyId;
+            frame["reward"] = reward;
+            if (label != null) frame["label"] = label.ToJson();
+            if (source != null) frame["source"] = source;
+            return RequestAsync(frame, null, ct);
+        }
+
         /// <summary>Forget an NPC's conversation history.</summary>
         public Task ResetAsync(string npcId, CancellationToken ct = default(CancellationToken))
         {

@@ -48,6 +48,11 @@ namespace Zyke.Unity
         [Tooltip("Optional: extra words or phrases this NPC never says.")]
         public string[] blockedWords = { };
 
+        [Header("Experience")]
+        [Tooltip("Opt this NPC in to experience recording: its replies and the feedback on them are kept on the " +
+                 "player's machine when the daemon records too (zyke-daemon start --record-experience).")]
+        public bool recordExperience = false;
+
         [Header("Generation")]
         [Range(1, 1024)] public int maxTokens = 64;
         [Range(0f, 2f)] public float temperature = 0.7f;
@@ -152,6 +157,7 @@ namespace Zyke.Unity
             if (!string.IsNullOrEmpty(audience)) spec.Audience = audience;
             if (!string.IsNullOrEmpty(refusalAction)) spec.RefusalAction = refusalAction;
             if (blockedWords != null && blockedWords.Length > 0) spec.BlockedWords = new List<string>(blockedWords);
+            spec.Record = recordExperience;
             return NpcSpecRepair.Repair(spec, name, problems);
         }
 
@@ -229,6 +235,16 @@ namespace Zyke.Unity
         public Task ResetAsync()
         {
             return Client.ResetAsync(npcId);
+        }
+
+        /// <summary>Rate one of this NPC's replies after the fact: requestId is what Say returned (or
+        /// SayResult.RequestId), reward from -1 to 1, label what would have been right (e.g. Action = "refuse").
+        /// Needs recordExperience and a daemon that records; failures also arrive on OnError.</summary>
+        public Task FeedbackAsync(string requestId, double reward, FeedbackLabel label = null, string source = null)
+        {
+            var task = Client.FeedbackAsync(npcId, requestId, reward, label, source);
+            Watch(task);
+            return task;
         }
 
         void Watch<T>(Task<T> task, Action<T> onResult)

@@ -234,6 +234,15 @@ static class Program
             var reply = await client.SayAsync(req);
             Check(reply.RequestId == req.RequestId && reply.NpcId == "brom", "reply carries the request id " + req.RequestId);
             CheckReply(reply, "say");
+            try
+            {
+                await client.FeedbackAsync("brom", reply.RequestId, 1.0, new FeedbackLabel { Action = "repair" }, "player");
+                Check(false, "feedback on a daemon that does not record fails");
+            }
+            catch (ZykeException e)
+            {
+                Check(e.Code == ProtocolConstants.ErrorCodes.NotRecording, "feedback without recording: code " + e.Code);
+            }
             Console.WriteLine("REPLY_JSON " + Json.Serialize(reply.Reply.Raw));
 
             var pieces = new StringBuilder();

@@ -29,3 +29,7 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    UNKNOWN_REPLY = "unknown_reply"
+    NOT_RECORDING = "not_recording"
+    BAD_LABEL = "bad_label"
+    EXPERIENCE_FULL = "experience_full"

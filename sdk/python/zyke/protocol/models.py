@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from .errors import ErrorCode
 
@@ -132,6 +132,9 @@ class NpcSpec(_Model):
     #: extra words or phrases this NPC never says, on top of its audience's lists (they only block more)
     blocked_words: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=64)]],
                              AfterValidator(_unique)] | None = Field(None, max_length=64)
+    #: opt in to experience recording: this NPC's replies are recorded when the daemon records too
+    #: (``zyke-daemon start --record-experience``; docs/EXPERIENCE.md). Never changes the prompt.
+    record: bool | None = None
 
     @property
     def display_name(self) -> str:
@@ -154,6 +157,25 @@ class NpcReply(_Model):
     action: Label
     target: Annotated[str, StringConstraints(max_length=64)] | None = None
     args: dict[str, Any] | None = None
+
+
+class FeedbackLabel(_Model):
+    """What would have been right (``feedback``'s label): at least one field. ``action`` is the common case
+    ("should have been refuse"); it must be one the turn allowed, ``emotion`` one the NPC declared."""
+
+    action: Label | None = None
+    emotion: Label | None = None
+    say: Annotated[str, StringConstraints(max_length=600)] | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> FeedbackLabel:
+        if self.action is None and self.emotion is None and self.say is None:
+            raise ValueError("a label needs at least one of action, emotion, say")
+        return self
+
+
+#: Who rated a reply (``FeedbackSource`` in schemas/common.json).
+FeedbackSource = Literal["game", "player", "simulated"]
 
 
 class SafetyBlock(_Model):
@@ -311,6 +333,20 @@ class Ping(Frame):
     id: RequestId
 
 
+class Feedback(Frame):
+    """A rating of an earlier reply (``reply_id``: the npc.say's id), recorded with it when experience recording
+    is on for the daemon and the NPC (capability ``feedback``; docs/EXPERIENCE.md). Answered ``ok``."""
+
+    type: Literal["feedback"] = "feedback"
+    id: RequestId
+    npc: NpcId
+    reply_id: RequestId
+    reward: float = Field(ge=-1, le=1)
+    label: FeedbackLabel | None = None
+    source: FeedbackSource | None = None
+    note: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+
 class Welcome(Frame):
     type: Literal["welcome"] = "welcome"
     id: RequestId
@@ -382,7 +418,7 @@ class Error(Frame):
 
 ClientFrame = Annotated[
     Hello | NpcDefine | NpcSay | Cancel | NpcReset | NpcStateGet | NpcStateSet | AdapterList | AdapterLoad
-    | AdapterUnload | Ping,
+    | AdapterUnload | Ping | Feedback,
     Field(discriminator="type"),
 ]
 ServerFrame = Annotated[
@@ -393,7 +429,7 @@ ServerFrame = Annotated[
 CLIENT_FRAMES: dict[str, type[Frame]] = {
     m.model_fields["type"].default: m
     for m in (Hello, NpcDefine, NpcSay, Cancel, NpcReset, NpcStateGet, NpcStateSet, AdapterList, AdapterLoad,
-              AdapterUnload, Ping)
+              AdapterUnload, Ping, Feedback)
 }
 SERVER_FRAMES: dict[str, type[Frame]] = {
     m.model_fields["type"].default: m
