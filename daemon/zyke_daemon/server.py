@@ -1,9 +1,12 @@
-"""The asyncio shell around the sans-I/O core: WebSockets, HTTP health/metrics, and the model thread.
+"""The asyncio shell around the sans-I/O core: WebSockets, HTTP, and the model thread.
 
 Everything that decides anything lives in core.py. This module moves bytes: it feeds messages to a
 ConnectionCore, sends the frames it returns through one ordered outbox per connection, and runs
 generation jobs one at a time on a single model thread (a llama.cpp context is not thread-safe),
 taking jobs from a PriorityQueue: foreground first, clients in turn within a priority.
+
+uvicorn serves the port (one ASGI app, http_api.py): WebSockets come back here through a small adapter
+(asgi_ws.py), and the HTTP API's generation requests join the same queue as virtual connections.
 """
 
 from __future__ import annotations
@@ -14,16 +17,15 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import Any
 
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
+import uvicorn
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 from websockets.protocol import State
 from zyke.paths import runtime_path
 from zyke.prompt_format import END_OF_REPLY
@@ -31,7 +33,10 @@ from zyke.protocol import AdapterInfo, Adapters, ErrorCode, ReplyDelta, dump_fra
 
 from . import __version__, experience
 from .adapters import AdapterRegistry
+from .asgi_ws import AsgiWebSocket, Receive, Scope, WsProtocol, refuse
+from .asgi_ws import Send as AsgiSend
 from .backends.base import ANY_ADAPTER, Backend, BatchItem
+from .completions import CompletionJob, CompletionResult, CompletionRun
 from .config import DaemonConfig
 from .core import AdapterOp, CancelJob, Close, ConnectionCore, DaemonCore, SayJob, Send, Submit, error_frame
 from .errors import DaemonError, ModelLoadError
@@ -59,7 +64,7 @@ class _Peer:
     has read its answers (``drained``), so a client that pipelines requests is slowed, not closed; past the bound
     (replies still arriving for a client that reads nothing) the connection is closed (1008)."""
 
-    def __init__(self, ws: ServerConnection, core: ConnectionCore, metrics: Metrics,
+    def __init__(self, ws: AsgiWebSocket, core: ConnectionCore, metrics: Metrics,
                  max_queued_bytes: int = 4 * 1024 * 1024) -> None:
         self.ws = ws
         self.core = core
@@ -125,6 +130,30 @@ class _Peer:
             self._drained.set()  # nothing more will be sent: never leave the handler waiting
 
 
+class HttpPeer(_Peer):
+    """The virtual connection of one HTTP API request (http_api.py): the frames, text deltas and completion
+    results the model side hands it wait in ``events`` for the request's handler, instead of a socket's outbox.
+    It goes through the same queue, timeouts and metrics as a WebSocket connection's jobs."""
+
+    def __init__(self, core: ConnectionCore, metrics: Metrics) -> None:
+        super().__init__(None, core, metrics)  # type: ignore[arg-type]
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def send(self, frame: dict[str, Any]) -> None:
+        if frame.get("type") == "error":
+            self._metrics.errors.labels(frame["code"]).inc()
+        self.events.put_nowait(("frame", frame))
+
+    def delta(self, text: str) -> None:
+        self.events.put_nowait(("delta", text))
+
+    def complete(self, result: CompletionResult) -> None:
+        self.events.put_nowait(("done", result))
+
+    def close(self, code: int, reason: str, cap: str) -> None:
+        """A cap that closes a WebSocket (an HTTP request never authenticates by token frames): nothing to close."""
+
+
 class DaemonServer:
     """Listens at once and loads the model in the background: /health says "loading" meanwhile and
     WebSocket messages wait for the model, so a game that starts the daemon can connect straight away."""
@@ -146,7 +175,12 @@ class DaemonServer:
         self._peers: dict[int, _Peer] = {}
         self._open = 0  # WebSocket connections being handled, those waiting for the model included
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zyke-model")
-        self._server: Server | None = None
+        self._server: uvicorn.Server | None = None
+        self._sockets: list[socket.socket] = []
+        self._ticker: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        #: HTTP requests waiting for the model (http_api.py), capped by max_connections like WebSockets
+        self.http_inflight = 0
         self._dispatcher: asyncio.Task[None] | None = None
         self._loader: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -160,12 +194,28 @@ class DaemonServer:
     # -- lifecycle
 
     async def start(self) -> None:
-        self._server = await serve(
-            self._handle, self.config.host, self.config.port,
-            process_request=self._http, origins=[None, *self.config.allowed_origins],
-            max_size=_WS_MAX_SIZE, ping_interval=20, ping_timeout=20,
+        from .http_api import build_app  # the routes need this module's classes
+
+        config = uvicorn.Config(
+            build_app(self), http="h11", ws=WsProtocol, ws_max_size=_WS_MAX_SIZE, ws_ping_interval=20,
+            ws_ping_timeout=20, lifespan="off", interface="asgi3", log_config=None, access_log=False,
+            proxy_headers=False, server_header=False, timeout_graceful_shutdown=_CLOSE_GRACE_S,
         )
-        self.port = next(iter(self._server.sockets)).getsockname()[1]
+        config.load()
+        # uvicorn logs every accepted WebSocket at info; the daemon logs what matters itself
+        logging.getLogger("uvicorn.error").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+        self._sockets = _listen(self.config.host, self.config.port)
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        try:
+            await server.startup(sockets=self._sockets)
+        except BaseException:
+            for sock in self._sockets:
+                sock.close()
+            raise
+        self._server = server
+        self._ticker = asyncio.create_task(server.main_loop(), name="zyke-http-tick")  # Date headers
+        self.port = self._sockets[0].getsockname()[1]
         self._dispatcher = asyncio.create_task(self._dispatch(), name="zyke-dispatch")
         self._loader = asyncio.create_task(self._load_model(), name="zyke-load")
         if self._write_runtime:
@@ -173,7 +223,8 @@ class DaemonServer:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"host": self.config.host, "port": self.port, "pid": os.getpid(),
                                         "version": __version__}))
-        log.info("zyke-daemon %s listening on ws://%s:%s", __version__, self.config.host, self.port)
+        log.info("zyke-daemon %s listening on ws://%s:%s (HTTP API under /v1 on the same port)", __version__,
+                 self.config.host, self.port)
         if not is_loopback_host(self.config.host):
             log.warning("listening on %s, not a loopback address: other machines on the network can reach this "
                         "daemon (the token guards NPCs, /health and /metrics need none). Use --host 127.0.0.1 "
@@ -229,12 +280,16 @@ class DaemonServer:
         """Run until stopped; raises the model's load error if it could not be loaded."""
         assert self._server is not None
         await self.ready
-        await self._server.wait_closed()
+        await self._closed.wait()
 
     async def stop(self) -> None:
         if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+            self._server.should_exit = True
+            await self._server.shutdown(sockets=self._sockets)  # WebSockets get 1012, HTTP requests finish
+            if self._ticker is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._ticker
+        self._closed.set()
         for task in (self._dispatcher, self._loader):
             if task is not None:
                 task.cancel()
@@ -249,35 +304,62 @@ class DaemonServer:
                 if json.loads(runtime.read_text()).get("pid") == os.getpid():
                     runtime.unlink()
 
-    # -- HTTP on the same port
+    # -- HTTP on the same port (the routes are in http_api.py)
 
-    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        host = request.headers.get("Host")
-        if host is not None and not host_allowed(host, self.config):
-            return _response(HTTPStatus.FORBIDDEN, b"Host not allowed: this daemon answers loopback names; "
-                             b"add another with --allow-host\n", "text/plain")
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            return None
-        path = request.path.split("?", 1)[0]
-        if path == "/health":
-            health: dict[str, Any] = {"status": "loading", "version": __version__,
-                                      "uptime_s": round(time.monotonic() - self._started, 3)}
-            if self.backend is not None:
-                health |= {"status": "ready", "model": self.backend.model.name, "backend": self.backend.name}
-            elif self.load_error is not None:
-                health |= {"status": "error", "error": str(self.load_error)}
-            status = HTTPStatus.SERVICE_UNAVAILABLE if self.load_error else HTTPStatus.OK
-            return _response(status, json.dumps(health).encode(), "application/json")
-        if path == "/metrics":
-            self.metrics.queue_depth.set(len(self.queue))
-            for name, depth in zip(PRIORITIES, self.queue.depths(), strict=True):
-                self.metrics.queue_depth_by_priority.labels(name).set(depth)
-            return _response(HTTPStatus.OK, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
-        return _response(HTTPStatus.NOT_FOUND, b"not found: try /health, /metrics or a WebSocket\n", "text/plain")
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """``GET /health``: the status code and document (no token needed: launchers poll it)."""
+        health: dict[str, Any] = {"status": "loading", "version": __version__,
+                                  "uptime_s": round(time.monotonic() - self._started, 3)}
+        if self.backend is not None:
+            health |= {"status": "ready", "model": self.backend.model.name, "backend": self.backend.name}
+        elif self.load_error is not None:
+            health |= {"status": "error", "error": str(self.load_error)}
+        return (HTTPStatus.SERVICE_UNAVAILABLE if self.load_error else HTTPStatus.OK), health
+
+    def render_metrics(self) -> bytes:
+        """``GET /metrics``: Prometheus text, with the queue gauges read now."""
+        self.metrics.queue_depth.set(len(self.queue))
+        for name, depth in zip(PRIORITIES, self.queue.depths(), strict=True):
+            self.metrics.queue_depth_by_priority.labels(name).set(depth)
+        return self.metrics.render()
+
+    def http_connection(self, game: str) -> HttpPeer:
+        """A virtual connection for one HTTP API request, already authenticated (the HTTP layer checked the
+        bearer token) and in ``game``'s NPC namespace, so its NPCs are the ones a WebSocket of that game sees."""
+        assert self.core is not None
+        core = self.core.connect()
+        core.authenticated, core.game = True, game
+        peer = HttpPeer(core, self.metrics)
+        self._peers[core.conn_id] = peer
+        return peer
+
+    def release(self, peer: HttpPeer) -> None:
+        """The HTTP request is answered or its client left: cancel and unqueue what it still has in flight."""
+        for job in peer.core.close():
+            if job.timer is not None:
+                job.timer.cancel()
+            self.queue.remove(peer.core.conn_id, job.request_id)
+        self.queue.drain(peer.core.conn_id)
+        self._peers.pop(peer.core.conn_id, None)
+        self.metrics.queue_depth.set(len(self.queue))
+
+    async def websocket(self, scope: Scope, receive: Receive, send: AsgiSend) -> None:
+        """ASGI entry of one WebSocket (its Host already checked): the browser Origin rule the websockets
+        library's ``origins=`` applied (no Origin, or one of ``allowed_origins``; else HTTP 403), then the
+        connection as ever."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        origin = _header(scope, b"origin")
+        if origin is not None and origin not in self.config.allowed_origins:
+            await refuse(send, HTTPStatus.FORBIDDEN, b"Failed to open a WebSocket connection: invalid Origin "
+                         b"header; start the daemon with --allow-origin to let a browser page connect\n")
+            return
+        await send({"type": "websocket.accept"})
+        await self._handle(AsgiWebSocket(scope, receive, send))
 
     # -- WebSocket connections
 
-    async def _handle(self, ws: ServerConnection) -> None:
+    async def _handle(self, ws: AsgiWebSocket) -> None:
         self._open += 1
         try:
             if self._open > self.config.max_connections:
@@ -287,7 +369,7 @@ class DaemonServer:
         finally:
             self._open -= 1
 
-    async def _refuse(self, ws: ServerConnection) -> None:
+    async def _refuse(self, ws: AsgiWebSocket) -> None:
         """Past ``max_connections``: say why in a typed error frame, then close with 1013 (try again later)."""
         limit = self.config.max_connections
         self.metrics.errors.labels(ErrorCode.TOO_MANY_CONNECTIONS.value).inc()
@@ -309,7 +391,7 @@ class DaemonServer:
                                   "(hello_timeout_s); closing", None))
             peer.close(1008, "hello_timeout: no hello in time", "hello_timeout")
 
-    async def _serve_connection(self, ws: ServerConnection) -> None:
+    async def _serve_connection(self, ws: AsgiWebSocket) -> None:
         try:
             await self.ready
         except BaseException:
@@ -350,7 +432,7 @@ class DaemonServer:
                     self.metrics.requests.labels(frame["type"]).inc()
                 peer.send(frame)
             case Submit(job):
-                self.metrics.requests.labels("npc.say").inc()
+                self.metrics.requests.labels(getattr(job, "kind", "npc.say")).inc()
                 # the deadline runs from now: time in the queue counts (issue 14: a say queued behind a huge
                 # one waited minutes with no timeout)
                 job.timer = asyncio.get_running_loop().call_later(
@@ -452,6 +534,12 @@ class DaemonServer:
                 if follow_up is not None and not len(self.queue):
                     await self._prefill_idle(*follow_up)
 
+    def _job_run(self, peer: _Peer, job: SayJob) -> Any:
+        """The run of a queued job: an NPC line's, or an HTTP API completion's (completions.py)."""
+        if isinstance(job, CompletionJob):
+            return CompletionRun(self, peer, job)
+        return _JobRun(self, peer, job)
+
     async def _prefill_idle(self, text: str, adapter: str | None) -> None:
         """While nobody waits, let the backend evaluate the conversation so far (the next turn's prompt
         starts with it); it stops between chunks as soon as a request is queued."""
@@ -468,7 +556,7 @@ class DaemonServer:
         """One say job on a backend without batching."""
         backend = self.backend
         assert backend is not None
-        run = _JobRun(self, peer, job)
+        run = self._job_run(peer, job)
         outcome: Any
         try:
             outcome = await asyncio.get_running_loop().run_in_executor(
@@ -489,7 +577,7 @@ class DaemonServer:
 
         def item(peer: _Peer, job: SayJob) -> BatchItem:
             nonlocal widest
-            run = _JobRun(self, peer, job)
+            run = self._job_run(peer, job)
             key = (job.conn.conn_id, job.npc_id)
             active[key] = run
             widest = max(widest, len(active))
@@ -656,7 +744,33 @@ def host_allowed(header: str, config: DaemonConfig) -> bool:
     return address.is_loopback or bound in _WILDCARD_HOSTS
 
 
-def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       ("Connection", "close")])
-    return Response(status.value, status.phrase, headers, body)
+def _header(scope: Scope, name: bytes) -> str | None:
+    """An ASGI request header by its lower-case name (the first one), or None."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for ``host`` (every address it resolves to, as asyncio's create_server binds) on ``port``;
+    with port 0, the first socket's free port for all of them, so the daemon has one port to publish."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets

@@ -24,10 +24,18 @@ Embedded model (Gemma 3 270M Q4_K_M), llama.cpp, 2 threads. Figures (tools/bench
                 on the same daemon
 8. safety       decode tokens/s under the NPC schema with the safety rails on (audience minor) / off, same
                 backend, alternating rounds (and TTFT on / off)
+9. http         round trip of an NPC line over HTTP (POST /v1/npc/say, httpx) / over the WebSocket (the SDK),
+                same daemon, same line, alternating rounds; 9b: POST /v1/chat/completions (greedy) /
+                llama-cpp-python's create_chat_completion on the same messages (a new user line each round), the
+                same number of tokens
+
+10. recording  decode tokens/s (the reply's own timings) of an NPC whose replies are recorded as experience
+                / of the same NPC not recorded, one daemon started with --record-experience, alternating rounds
 
     python tools/bench/run.py --only adapter     # one figure (names: constrained, multi_turn, raw_batching,
-                                                 # daemon, bound, adapter, priority, safety); the JSON holds
-                                                 # just those: pass --json results/<name>.json
+                                                 # daemon, bound, adapter, priority, safety, http,
+                                                 # recording); the JSON holds just those: pass --json
+                                                 # results/<name>.json
 """
 
 from __future__ import annotations
@@ -494,6 +502,125 @@ def bound(path: Path, decode_tok_s: float) -> dict[str, Any]:
             "decode_tok_s": decode_tok_s, "fraction": decode_tok_s / limit}
 
 
+def http_figures(llm: llama_cpp.Llama, rounds: int, tokens: int) -> dict[str, Any]:
+    """An NPC line over HTTP vs over the WebSocket (one daemon, alternating rounds, a new line each round, the
+    NPC reset so both sides see the same history), and the OpenAI-style chat endpoint vs llama-cpp-python's own
+    create_chat_completion (greedy; the raw side makes exactly the tokens the daemon made, EOS banned)."""
+    import httpx
+
+    out: dict[str, Any] = {}
+    spec = NPCS[1]
+    messages = [{"role": "system", "content": spec.persona}, {"role": "user", "content": LINE}]
+    with tempfile.TemporaryDirectory() as home:
+        daemon = DaemonProcess(Path(home)).start()
+        try:
+            with Client(daemon.url, daemon.token, game="bench") as client, \
+                    httpx.Client(base_url=daemon.http, headers={"Authorization": f"Bearer {daemon.token}"},
+                                 timeout=600) as web:
+                npc = client.define(spec)
+                npc.say(LINE, max_tokens=4)  # warm-up: the model paged in, the grammar compiled
+                ws_s, http_s = [], []
+                for i in range(rounds):
+                    for side in ("ws", "http"):
+                        npc.reset()
+                        time.sleep(1.0)  # the idle-time prefill of the last turn must not slow this one
+                        line = f"{LINE} (take {i})"
+                        start = time.perf_counter()
+                        if side == "ws":
+                            npc.say(line, max_tokens=tokens)
+                            ws_s.append(time.perf_counter() - start)
+                        else:
+                            answer = web.post("/v1/npc/say", json={"game": "bench", "npc": spec.id, "input": line,
+                                                                   "options": {"max_tokens": tokens}})
+                            assert answer.status_code == 200, answer.text
+                            http_s.append(time.perf_counter() - start)
+                out["http_say"] = {"http_ms": med(http_s) * 1000, "websocket_ms": med(ws_s) * 1000,
+                                   "ratio": med(http_s) / med(ws_s), "target": "<= 1.05"}
+                model = web.get("/v1/models").json()["data"][0]["id"]
+                body = {"model": model, "messages": messages, "max_tokens": tokens, "temperature": 0}
+                web.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+                llm.create_chat_completion(messages=messages, max_tokens=2, temperature=0.0)  # warm-up
+                ours, raw, produced = [], [], 0
+                for i in range(rounds):
+                    # a new user line each round: both sides reuse only the prompt head they already hold
+                    messages = [messages[0], {"role": "user", "content": f"{LINE} (take {i})"}]
+                    body = {**body, "messages": messages}
+                    time.sleep(1.0)
+                    start = time.perf_counter()
+                    reply = web.post("/v1/chat/completions", json=body).json()
+                    ours.append(time.perf_counter() - start)
+                    produced = reply["usage"]["completion_tokens"]
+                    time.sleep(1.0)
+                    start = time.perf_counter()
+                    done = llm.create_chat_completion(messages=messages, max_tokens=produced, temperature=0.0,
+                                                      stop=[], logit_bias={llm.token_eos(): -1e9})
+                    raw.append(time.perf_counter() - start)
+                    assert done["usage"]["completion_tokens"] == produced  # type: ignore[index]
+                out["http_chat"] = {"daemon_ms": med(ours) * 1000, "llama_cpp_python_ms": med(raw) * 1000,
+                                    "ratio": med(ours) / med(raw), "tokens": produced, "target": "<= 1.10"}
+        finally:
+            daemon.stop()
+    return out
+
+
+def recording_cost(rounds: int, tokens: int) -> dict[str, Any]:
+    """Experience recording's cost (docs/EXPERIENCE.md): one daemon recording, the same NPC twice (opted in and
+    not), alternating rounds, a new line each round; decode tokens/s as the daemon timed each reply, and the round
+    trip. The record is written on the recorder's thread after the reply is sent, so what it can cost shows up in
+    the next replies' decoding, which alternating rounds measure."""
+    with tempfile.TemporaryDirectory() as home:
+        daemon = DaemonProcess(Path(home), extra_args=["--record-experience"]).start()
+        try:
+            with Client(daemon.url, daemon.token, game="bench") as client:
+                recorded = client.define(NPCS[1].model_copy(update={"id": "brom_recorded", "record": True}))
+                plain = client.define(NPCS[1].model_copy(update={"id": "brom_plain"}))
+                for n in (recorded, plain):  # warm-up: the model paged in, the grammar compiled
+                    n.say(LINE, max_tokens=4)
+                tok_s: dict[str, list[float]] = {"on": [], "off": []}
+                trip: dict[str, list[float]] = {"on": [], "off": []}
+                for i in range(max(rounds, 3)):
+                    for side, npc in (("on", recorded), ("off", plain)) if i % 2 == 0 else (("off", plain),
+                                                                                         ("on", recorded)):
+                        npc.reset()
+                        time.sleep(1.0)  # the idle-time prefill of the last turn must not slow this one
+                        start = time.perf_counter()
+                        reply = npc.say(f"{LINE} (take {i})", max_tokens=tokens, temperature=0)
+                        trip[side].append(time.perf_counter() - start)
+                        tok_s[side].append(reply.timings.tokens_per_s or 0.0)
+            lines = (Path(home) / "data" / "experience" / "experience.jsonl").read_bytes().splitlines(keepends=True)
+        finally:
+            daemon.stop()
+    # What one record costs, timed directly (on a shared machine the two sides above swing by more): building
+    # the line as the core does (model dumps and json) and the recorder's validate-and-append, per reply.
+    from zyke.experience import ExperienceRecord
+    from zyke_daemon.core import jsonl
+    from zyke_daemon.experience import ExperienceRecorder
+
+    records = [ExperienceRecord.model_validate_json(x) for x in lines]
+    build, write = [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        recorder = ExperienceRecorder(Path(scratch) / "experience.jsonl")
+        for i in range(200):
+            rec = records[i % len(records)]
+            start = time.perf_counter()
+            line = jsonl({**rec.model_dump(mode="json", exclude={"spec", "history", "reply"}),
+                          "spec": rec.spec.model_dump(mode="json", exclude_none=True),
+                          "history": [t.model_dump(mode="json", exclude_none=True) for t in rec.history],
+                          "reply": rec.reply.model_dump(mode="json", exclude_none=True)})
+            build.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            recorder._append_record(("bench", rec.npc, f"r{i}"), line)
+            write.append(time.perf_counter() - start)
+        recorder.close()
+    per_reply_s = med(build) + med(write)
+    decode_s = tokens / med(tok_s["off"])
+    return {"recording_on_tok_s": med(tok_s["on"]), "recording_off_tok_s": med(tok_s["off"]),
+            "ratio": med(tok_s["on"]) / med(tok_s["off"]), "round_trip_on_ms": med(trip["on"]) * 1000,
+            "round_trip_off_ms": med(trip["off"]) * 1000, "records_written": len(lines),
+            "build_us": med(build) * 1e6, "append_us": med(write) * 1e6,
+            "share_of_decode": per_reply_s / decode_s, "target": ">= 0.98 (recording <= 2% of decode)"}
+
+
 # -- main ----------------------------------------------------------------------------------------------
 
 
@@ -536,6 +663,14 @@ def main() -> None:
         result["adapter"] = adapter_cost(path, sha, args.rounds, args.tokens)
     if "safety" in only:
         result["safety"] = safety_cost(path, sha, args.rounds, args.tokens)
+    if "http" in only:
+        llm = raw_llama(path)
+        try:
+            result |= http_figures(llm, args.rounds, args.tokens)
+        finally:
+            llm.close()
+    if "recording" in only:
+        result["recording"] = recording_cost(args.rounds, args.tokens)
     result["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
@@ -543,7 +678,8 @@ def main() -> None:
     print(f"\nwritten to {args.json}")
 
 
-FIGURES = ("constrained", "multi_turn", "raw_batching", "daemon", "bound", "adapter", "priority", "safety")
+FIGURES = ("constrained", "multi_turn", "raw_batching", "daemon", "bound", "adapter", "priority", "safety", "http",
+           "recording")
 
 
 def table(r: dict[str, Any]) -> str:
@@ -591,6 +727,18 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
                   f"{f['ttft_off_ms']:.0f} ms; the rail itself {f['rail_us_per_judged_token']:.0f} us/token, "
                   f"{100 * f['rail_share_of_decode']:.2f}% of decode time",
         lambda f: f["ratio"], ">= 0.90")
+    add("http_say", "9 NPC line round trip: POST /v1/npc/say (httpx) / npc.say over the WebSocket (SDK)",
+        lambda f: f"{f['http_ms']:.0f} / {f['websocket_ms']:.0f} ms", lambda f: f["ratio"], "<= 1.05")
+    add("http_chat", "9b POST /v1/chat/completions / llama-cpp-python create_chat_completion (greedy, same tokens)",
+        lambda f: f"{f['daemon_ms']:.0f} / {f['llama_cpp_python_ms']:.0f} ms ({f['tokens']} tokens)",
+        lambda f: f["ratio"], "<= 1.10")
+    add("recording", "10 decode tok/s: NPC recorded as experience / the same NPC not recorded (one daemon "
+        "recording, alternating rounds); round trip on / off; one record's cost timed directly",
+        lambda f: f"{f['recording_on_tok_s']:.1f} / {f['recording_off_tok_s']:.1f} tok/s; "
+                  f"{f['round_trip_on_ms']:.0f} / {f['round_trip_off_ms']:.0f} ms; a record {f['build_us']:.0f} us "
+                  f"to build + {f['append_us']:.0f} us to append, {100 * f['share_of_decode']:.3f}% of a reply's "
+                  "decode time",
+        lambda f: f["ratio"], ">= 0.98")
     return rows
 
 

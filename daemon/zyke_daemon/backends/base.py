@@ -27,7 +27,9 @@ DEFAULT_NO_REPEAT_NGRAM = 4
 @dataclass
 class GenerationRequest:
     prompt: str
-    schema: dict[str, Any]  # the reply schema narrowed to the NPC's enums
+    #: the JSON Schema the output is decoded under (an NPC's reply schema narrowed to its enums, or an HTTP API
+    #: response_format schema); None decodes free text (the OpenAI-compatible API without response_format)
+    schema: dict[str, Any] | None
     max_tokens: int = 96
     temperature: float = 0.0
     top_p: float = 1.0
@@ -42,6 +44,12 @@ class GenerationRequest:
     cancel: threading.Event = field(default_factory=threading.Event)
     #: the safety rail's blocked terms for this NPC (None: safe mode off); see decoding.SayContentGuard
     safety: Matcher | None = None
+    #: parse special-token text in the prompt (``<start_of_turn>`` of a chat template) as those tokens; NPC
+    #: prompts never do, so a player's line cannot forge a turn marker
+    special: bool = False
+    #: the safety rail judges the whole output as text (the HTTP API's completions), not only the say string of
+    #: an NPC reply
+    guard_whole_text: bool = False
 
 
 @dataclass

@@ -213,14 +213,16 @@ class SayContentGuard:
     batched and cached, and on both backends.
     """
 
-    def __init__(self, matcher: Matcher) -> None:
+    def __init__(self, matcher: Matcher, raw: bool = False) -> None:
         self.matcher = matcher
         self.blocks: dict[str, int] = {}
+        #: judge the text as it is (a completion's whole output) rather than as a JSON string body
+        self.raw = raw
 
     def judge(self, after_raw: str) -> tuple[str | None, bool]:
         """``(category, hold)`` for the say string's raw JSON text so far ending with the candidate token:
         the category it trips (None: clean), and whether its text must wait before being streamed."""
-        text, closed = say_text(after_raw)
+        text, closed = (after_raw, False) if self.raw else say_text(after_raw)
         hit = self.matcher.check(text, final=closed)
         if hit is not None:
             return hit, False
@@ -255,10 +257,15 @@ class SequenceDecoder:
         self.request, self._n_vocab, self._eos = request, n_vocab, eos
         self._token_bytes, self._on_text = token_bytes, on_text
         self._prompt_tokens, self._cached_tokens, self._started = prompt_tokens, cached_tokens, started
-        self._matcher = LLMatcher(tokenizer, compile_schema(json.dumps(request.schema)))
-        if self._matcher.is_error():
-            raise RuntimeError(f"reply schema did not compile: {self._matcher.get_error()}")
+        #: None: free text (no schema), every token allowed
+        self._matcher: LLMatcher | None = None
+        if request.schema is not None:
+            self._matcher = LLMatcher(tokenizer, compile_schema(json.dumps(request.schema)))
+            if self._matcher.is_error():
+                raise RuntimeError(f"reply schema did not compile: {self._matcher.get_error()}")
         self._bitmask = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+        if self._matcher is None:
+            self._bitmask[:] = -1
         self._mask_ready = False
         self._rng = np.random.default_rng(request.seed)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -269,7 +276,8 @@ class SequenceDecoder:
             self._ban = SayNgramBan(request.no_repeat_ngram,
                                     [say_token_ids(tokenizer, say) for say in request.history_says])
             self._guard = SayWordGuard(NO_REPEAT_WORDS, request.history_says)
-        self._content = SayContentGuard(request.safety) if request.safety is not None else None
+        self._whole = request.guard_whole_text  # the rails judge every token, not only the say string's
+        self._content = SayContentGuard(request.safety, raw=self._whole) if request.safety is not None else None
         self._hold = False  # the token being emitted must wait (see SayContentGuard)
         self._held: list[str] = []
         self.generated: list[int] = []
@@ -281,7 +289,8 @@ class SequenceDecoder:
     def compute_mask(self) -> None:
         """The allowed tokens for the next position; depends only on the tokens chosen so far, so it may
         run while the model evaluates them."""
-        self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
+        if self._matcher is not None:
+            self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
         self._mask_ready = True
 
     def check_cancel(self) -> bool:
@@ -301,7 +310,7 @@ class SequenceDecoder:
         if self.request.repeat_penalty != 1.0 and self.generated:
             logits = penalize_repeats(logits, self.generated, self.request.repeat_penalty)
         token = pick(logits, self._bitmask, self._n_vocab, self.request, self._rng)
-        if (self._guard is not None or self._content is not None) and self._say.inside:
+        if (self._guard is not None or self._content is not None) and (self._say.inside or self._whole):
             guarded = self._guarded(token, logits)
             if guarded is None:  # the rail found no clean token: the line ends here, as max_tokens would end it
                 self._stop_if(True, "length")
@@ -313,14 +322,15 @@ class SequenceDecoder:
             return None
         feed = [token]
         keep_going = self._emit(token)
-        if fast_forward and keep_going and not self._matcher.is_stopped():
-            for forced in self._matcher.compute_ff_tokens()[: self.request.max_tokens - len(self.generated)]:
-                if forced in self._eos:
+        matcher = self._matcher
+        if fast_forward and keep_going and matcher is not None and not matcher.is_stopped():
+            for forced in matcher.compute_ff_tokens()[: self.request.max_tokens - len(self.generated)]:
+                if forced in self._eos or self._forced_blocked(forced):
                     break
                 feed.append(forced)
-                if not (keep_going := self._emit(forced)) or self._matcher.is_stopped():
+                if not (keep_going := self._emit(forced)) or matcher.is_stopped():
                     break
-        if self._stop_if(self._matcher.is_stopped() or not keep_going, "stop"):
+        if self._stop_if((matcher is not None and matcher.is_stopped()) or not keep_going, "stop"):
             return None
         if self._stop_if(len(self.generated) >= self.request.max_tokens, "length"):
             return None
@@ -337,7 +347,7 @@ class SequenceDecoder:
         """``token``, or the next best allowed one when it would put a blocked term in the line (the safety
         rail: never let stand; None when no clean token is found) or finish a repeated run of words (the
         no-repeat rule: the best one stands after ``WORD_GUARD_TRIES``)."""
-        before = "".join(self._text)[len(SAY_OPENING):]
+        before = "".join(self._text) if self._whole else "".join(self._text)[len(SAY_OPENING):]
         mask: np.ndarray | None = None
         ranked: list[int] | None = None  # greedy: the allowed tokens best first, ranked once at the first miss
         tries = CONTENT_GUARD_TRIES if self._content is not None else WORD_GUARD_TRIES
@@ -373,13 +383,22 @@ class SequenceDecoder:
             token = pick(logits, mask, self._n_vocab, self.request, self._rng)
         return None if self._content is not None else token
 
+    def _forced_blocked(self, token: int) -> bool:
+        """Whether a token the grammar forces would write a blocked term into a completion's text (the rail on the
+        whole text only: an NPC's say string is free text, not forced). Then it is not fast-forwarded: the next
+        step picks it through the rail, which refuses it and ends the text there if nothing else is allowed."""
+        if self._content is None or not self._whole:
+            return False
+        after = "".join(self._text) + self._token_bytes(token).decode("utf-8", errors="ignore")
+        return self._content.judge(after)[0] is not None
+
     def _stop_if(self, condition: bool, reason: FinishReason) -> bool:
         if condition:
             self._finish, self.done = reason, True
         return condition
 
     def _emit(self, token: int) -> bool:
-        if not self._matcher.consume_token(token):
+        if self._matcher is not None and not self._matcher.consume_token(token):
             raise RuntimeError(f"grammar rejected token {token}: {self._matcher.get_error()}")
         self.generated.append(token)
         if self._ban is not None and self._say.inside:  # chosen inside the say string: one of its tokens

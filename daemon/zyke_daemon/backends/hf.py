@@ -170,6 +170,14 @@ class TransformersBackend:
     def count_tokens(self, text: str) -> int:
         return len(self._encode(text))
 
+    def chat_template(self) -> tuple[str, str, str] | None:
+        """The checkpoint's chat template with its BOS and EOS texts, or None when the tokenizer has none."""
+        tok = self.hf_tokenizer
+        template = getattr(tok, "chat_template", None)
+        if not isinstance(template, str) or not template:
+            return None
+        return template, tok.bos_token or "", tok.eos_token or ""
+
     def close(self) -> None:
         with self._lock:
             self._adapters.clear()

@@ -152,11 +152,23 @@ class LlamaCppBackend:
 
     # -- Backend protocol
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._model.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), add_bos=True, special=special)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
+
+    def chat_template(self) -> tuple[str, str, str] | None:
+        """The model's own chat template (GGUF ``tokenizer.chat_template``) with its BOS and EOS texts, or None
+        when the file carries none (the embedded Gemma 3 270M is a base model: none)."""
+        template = self._model.metadata().get("tokenizer.chat_template")
+        if not template:
+            return None
+        vocab = self._vocab
+        bos, eos = llama_cpp.llama_vocab_bos(vocab), llama_cpp.llama_vocab_eos(vocab)
+        text = llama_cpp.llama_vocab_get_text
+        return template, (text(vocab, bos) or b"").decode() if bos >= 0 else "", \
+            (text(vocab, eos) or b"").decode() if eos >= 0 else ""
 
     def close(self) -> None:
         if not self._ctx:
@@ -480,7 +492,7 @@ class LlamaCppBackend:
         """Apply the request's adapter, place its prompt in a slot and evaluate what the slot lacks;
         returns the slot, the prompt's length and how many of its tokens were reused."""
         self._apply(request.adapter)
-        prompt = self.tokenize(request.prompt)
+        prompt = self.tokenize(request.prompt, request.special)
         if len(prompt) + request.max_tokens > self._n_ctx:
             raise ValueError(f"prompt ({len(prompt)} tokens) plus max_tokens exceeds the context ({self._n_ctx})")
         slot, cached = self._take_slot(prompt, request.adapter, busy)

@@ -13,6 +13,8 @@ from typing import Any
 
 SCHEMA_BASE = "https://zyke.dev/schemas/v1/"
 PROTOCOL_VERSION = 1
+#: The bodies of the daemon's plain-HTTP NPC endpoint (``POST /v1/npc/say``, docs/HTTP.md), below schemas/http/.
+HTTP_SCHEMAS = ("http/npc.say", "http/npc.say.response")
 
 
 @cache
@@ -36,5 +38,6 @@ def frame_types() -> tuple[tuple[str, ...], tuple[str, ...]]:
 def all_schemas() -> dict[str, dict[str, Any]]:
     """Every schema document keyed by its ``$id``, ready for a ``referencing`` registry."""
     client, server = frame_types()
-    names = ["common", "npc_reply", "npc_example", "client", "server", *(f"frames/{t}" for t in client + server)]
+    names = ["common", "npc_reply", "npc_example", "client", "server", *(f"frames/{t}" for t in client + server),
+             *HTTP_SCHEMAS]
     return {load_schema(n)["$id"]: load_schema(n) for n in names}
