@@ -28,4 +28,7 @@ if ! command -v mcs >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get 
 fi
 
 .venv/bin/ruff check .
+# Type-checked strictly: the SDK game code imports (with its protocol package) and the daemon's sans-I/O core with
+# what it imports (sessions, scheduler, safety, validation); the server shell, backends and training are next.
+.venv/bin/mypy --strict --no-error-summary -p zyke -p zyke_daemon.core -p zyke_daemon.scheduler -p zyke_daemon.sessions
 exec .venv/bin/pytest -q "$@"

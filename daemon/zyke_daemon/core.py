@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, assert_never
 
 from pydantic import TypeAdapter, ValidationError
 from zyke.experience import FEEDBACK_KIND, FORMAT_VERSION, MAX_FEEDBACK, REPLY_ID_PATTERN, label_problem
@@ -31,11 +31,11 @@ from zyke.protocol import (
     PROTOCOL_VERSION,
     AdapterInfo,
     Adapters,
+    AnyClientFrame,
     ClientFrame,
     Error,
     ErrorCode,
     Feedback,
-    Frame,
     GenerationOptions,
     ModelInfo,
     NpcDefine,
@@ -59,7 +59,7 @@ from zyke.protocol import (
     Welcome,
     dump_frame,
 )
-from zyke.protocol.models import AdapterLoad, AdapterUnload, Cancel, Hello, Limits
+from zyke.protocol.models import AdapterList, AdapterLoad, AdapterUnload, Cancel, Hello, Limits
 
 from . import __version__
 from .backends.base import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_REPEAT_PENALTY, GenerationRequest, GenerationResult
@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 CAPABILITIES = ["stream", "constrained", "cancel", "npc.state", "adapters", "choices", "allowed_actions",
                 "priority", "safety", "feedback"]
 DEFAULT_MAX_TOKENS = 96
-_CLIENT_FRAME: TypeAdapter[Any] = TypeAdapter(ClientFrame)
+_CLIENT_FRAME: TypeAdapter[AnyClientFrame] = TypeAdapter(ClientFrame)
 
 #: How deep a free-form object (``state``, a turn's ``state``, a reply's ``args``) may nest. Game state is a few
 #: levels deep; a few hundred levels broke saving the session (pydantic's serializer has a recursion limit) and,
@@ -473,7 +473,7 @@ class ConnectionCore:
             raise DaemonError(ErrorCode.BAD_JSON, f"frame is not JSON: {clip(str(exc))}") from None
         return raw
 
-    def _validate(self, raw: Any, request_id: str | None) -> Frame:
+    def _validate(self, raw: Any, request_id: str | None) -> AnyClientFrame:
         if not isinstance(raw, dict):
             raise DaemonError(ErrorCode.BAD_FRAME, "a frame must be a JSON object")
         if raw.get("v") != PROTOCOL_VERSION:
@@ -507,7 +507,7 @@ class ConnectionCore:
 
     # -- routing
 
-    def _route(self, frame: Frame) -> list[Action]:
+    def _route(self, frame: AnyClientFrame) -> list[Action]:
         if isinstance(frame, Ping):
             return [Send(dump_frame(Pong(id=frame.id)))]
         if isinstance(frame, Hello):
@@ -538,10 +538,10 @@ class ConnectionCore:
                     raise _unknown_npc(frame.npc, frame.id)
                 return [Send(dump_frame(Ok(id=frame.id)))]
             case NpcStateGet():
-                session = sessions.get(self.game, frame.npc)
-                if session is None:
+                found = sessions.get(self.game, frame.npc)
+                if found is None:
                     raise _unknown_npc(frame.npc, frame.id)
-                return [Send(dump_frame(NpcStateFrame(id=frame.id, state=session.state())))]
+                return [Send(dump_frame(NpcStateFrame(id=frame.id, state=found.state())))]
             case NpcStateSet():
                 self._check_spec(frame.state.npc, frame.id)
                 session = sessions.restore(self.game, frame.state)
@@ -551,8 +551,10 @@ class ConnectionCore:
                     raise DaemonError(ErrorCode.UNKNOWN_ADAPTER, f"no adapter named {frame.name!r} is registered",
                                       frame.id)
                 return [AdapterOp(frame.id, "load" if isinstance(frame, AdapterLoad) else "unload", frame.name)]
-            case _:
+            case AdapterList():
                 return [Send(dump_frame(Adapters(id=frame.id, adapters=self.daemon.adapters())))]
+            case _:  # every client frame has its case: a new frame type fails the type check until it has one
+                assert_never(frame)
 
     def _hello(self, frame: Hello) -> list[Action]:
         if not hmac.compare_digest(frame.token.encode(), self.daemon.token.encode()):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 _OPEN = re.compile(r'^\s*\{\s*"say"\s*:\s*"')
 
@@ -30,7 +31,7 @@ class SayExtractor:
             return ""
         body, closed = _string_body(self._raw[match.end():])
         try:
-            decoded = json.loads(f'"{body}"')
+            decoded: str = json.loads(f'"{body}"')  # a JSON string literal decodes to a str
         except json.JSONDecodeError:
             return ""
         self._done = closed
@@ -118,7 +119,7 @@ class ReplyAssembler:
     def raw(self) -> str:
         return "".join(self._raw)
 
-    def reply(self) -> tuple[dict, bool]:
+    def reply(self) -> tuple[dict[str, Any], bool]:
         """(reply dict, complete): complete is True when the model closed its JSON itself."""
         if self._say_cut is None:
             try:

@@ -75,7 +75,7 @@ def check_audience(value: str) -> Audience:
     """``value`` as an Audience, or ValueError naming the choices (config files and env vars are strings)."""
     if value not in AUDIENCES:
         raise ValueError(f"audience must be one of {', '.join(AUDIENCES)}; got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 
 def _fold(text: str) -> str:
@@ -302,7 +302,9 @@ class Screen:
 
 
 def _data() -> dict[str, Any]:
-    return json.loads(files("zyke_daemon").joinpath("safety_lists/default.json").read_text(encoding="utf-8"))
+    text = files("zyke_daemon").joinpath("safety_lists/default.json").read_text(encoding="utf-8")
+    data: dict[str, Any] = json.loads(text)
+    return data
 
 
 def _norm_term(term: str) -> tuple[str, ...]:
@@ -353,8 +355,8 @@ class Rails:
         data = _data()
         studio = studio or StudioLists()
         self._groups = [_Group(g["category"], frozenset(g["blocked_at"]), g["stage"],
-                               [s for s in (_norm_term(t) for t in g["stems"]) for s in s],
-                               [w for w in (_norm_term(t) for t in g["words"]) for w in w],
+                               [s for forms in (_norm_term(t) for t in g["stems"]) for s in forms],
+                               [w for forms in (_norm_term(t) for t in g["words"]) for w in forms],
                                [tuple(p) for p in g["phrases"]]) for g in data["groups"]]
         if studio.blocked or studio.blocked_stems:
             words = [_norm_term(t) for t in studio.blocked]

@@ -92,7 +92,7 @@ def _unique_items(validator: Any, unique: bool, instance: Any, schema: dict[str,
 
 
 #: Draft 2020-12 with ECMA-262 ``$`` in patterns and a linear uniqueItems (see the two functions above).
-SchemaValidator: type[Validator] = validators.extend(
+SchemaValidator: type[Validator] = validators.extend(  # type: ignore[no-untyped-call]
     Draft202012Validator, {"pattern": _pattern, "uniqueItems": _unique_items})
 
 

@@ -95,7 +95,8 @@ class _Unset:
 DEFAULT: Any = _Unset()
 Timeout = float | None | _Unset
 _Item = Frame | BaseException
-_Request = NpcDefine | NpcStateGet | NpcStateSet | NpcReset | AdapterList | Ping | Cancel | Feedback
+_Request = (NpcDefine | NpcStateGet | NpcStateSet | NpcReset | AdapterList | AdapterLoad | AdapterUnload | Ping
+            | Cancel | Feedback)
 F = TypeVar("F", bound=Frame)
 
 

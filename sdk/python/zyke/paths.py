@@ -72,7 +72,8 @@ def ensure_token() -> str:
 
 def read_runtime() -> dict[str, Any] | None:
     try:
-        return json.loads(runtime_path().read_text(encoding="utf-8"))
+        runtime: dict[str, Any] = json.loads(runtime_path().read_text(encoding="utf-8"))
+        return runtime
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 

@@ -416,11 +416,10 @@ class Error(Frame):
     details: dict[str, Any] | None = None
 
 
-ClientFrame = Annotated[
-    Hello | NpcDefine | NpcSay | Cancel | NpcReset | NpcStateGet | NpcStateSet | AdapterList | AdapterLoad
-    | AdapterUnload | Ping | Feedback,
-    Field(discriminator="type"),
-]
+#: Every frame a client may send, as a plain union: what a ``match`` over client frames must cover.
+AnyClientFrame = (Hello | NpcDefine | NpcSay | Cancel | NpcReset | NpcStateGet | NpcStateSet | AdapterList | AdapterLoad
+                  | AdapterUnload | Ping | Feedback)
+ClientFrame = Annotated[AnyClientFrame, Field(discriminator="type")]
 ServerFrame = Annotated[
     Welcome | NpcDefined | ReplyDelta | Reply | NpcStateFrame | Adapters | Pong | Ok | Error,
     Field(discriminator="type"),

@@ -21,7 +21,8 @@ HTTP_SCHEMAS = ("http/npc.say", "http/npc.say.response")
 def load_schema(name: str) -> dict[str, Any]:
     """Return a schema by its path below schemas/, without ``.json`` (``"common"``, ``"frames/npc.say"``)."""
     resource = files("zyke.schemas").joinpath(f"{name}.json")
-    return json.loads(resource.read_text(encoding="utf-8"))
+    schema: dict[str, Any] = json.loads(resource.read_text(encoding="utf-8"))
+    return schema
 
 
 @cache
