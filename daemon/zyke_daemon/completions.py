@@ -20,7 +20,7 @@ from typing import Any
 from zyke.protocol import ErrorCode
 
 from .backends.base import GenerationRequest
-from .core import ConnectionCore, error_frame, token_cap
+from .core import ConnectionCore, error_frame, outcome_error, token_cap
 from .errors import DaemonError
 from .openai_format import StopScanner
 from .scheduler import NORMAL
@@ -122,17 +122,11 @@ class CompletionRun:
         if job.timer is not None:
             job.timer.cancel()
         try:
-            if isinstance(outcome, DaemonError):
-                raise outcome
-            if isinstance(outcome, BaseException):
-                log.error("completion %s failed", job.request_id, exc_info=outcome)
-                peer.send(error_frame(ErrorCode.INTERNAL, "internal error; see the daemon log", job.request_id))
-                return None
-            if outcome.finish_reason == "cancelled":
-                if job.timed_out:
-                    raise DaemonError(ErrorCode.TIMEOUT,
-                                      f"no reply within {self.server.config.request_timeout_s:g} s", job.request_id)
-                raise DaemonError(ErrorCode.CANCELLED, "the request was cancelled", job.request_id)
+            error = outcome_error(outcome, job.request_id, job.timed_out, self.server.config.request_timeout_s)
+            if error is None and outcome.finish_reason == "cancelled":  # a completion has no partial reply to send
+                error = DaemonError(ErrorCode.CANCELLED, "the request was cancelled", job.request_id)
+            if error is not None:
+                raise error
         except DaemonError as exc:
             peer.send(error_frame(exc.code, exc.message, job.request_id))
             return None

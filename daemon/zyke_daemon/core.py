@@ -685,6 +685,21 @@ def error_frame(code: ErrorCode, message: str, request_id: str | None) -> dict[s
     return dump_frame(Error(id=request_id, code=code, message=clip(message, MAX_ERROR_MESSAGE_CHARS)))
 
 
+def outcome_error(outcome: Any, request_id: str, timed_out: bool, timeout_s: float) -> DaemonError | None:
+    """The typed error a generation's ``outcome`` ends in, or None when it is a result to serve. Shared by NPC lines
+    (``server._JobRun``) and HTTP completions (``completions.CompletionRun``): a typed error passes through, any other
+    exception is logged and becomes ``internal``, and a reply cancelled by its timer is ``timeout`` (one that ended
+    just in time is served)."""
+    if isinstance(outcome, DaemonError):
+        return outcome
+    if isinstance(outcome, BaseException):
+        log.error("request %s failed", request_id, exc_info=outcome)
+        return DaemonError(ErrorCode.INTERNAL, "internal error; see the daemon log", request_id)
+    if timed_out and outcome.finish_reason == "cancelled":
+        return DaemonError(ErrorCode.TIMEOUT, f"no reply within {timeout_s:g} s", request_id)
+    return None
+
+
 class _NonFinite(ValueError):
     """NaN or an infinity in a frame: not JSON (RFC 8259), though Python's parser takes them."""
 

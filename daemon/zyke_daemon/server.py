@@ -38,7 +38,18 @@ from .asgi_ws import Send as AsgiSend
 from .backends.base import ANY_ADAPTER, Backend, BatchItem
 from .completions import CompletionJob, CompletionResult, CompletionRun
 from .config import DaemonConfig
-from .core import AdapterOp, CancelJob, Close, ConnectionCore, DaemonCore, SayJob, Send, Submit, error_frame
+from .core import (
+    AdapterOp,
+    CancelJob,
+    Close,
+    ConnectionCore,
+    DaemonCore,
+    SayJob,
+    Send,
+    Submit,
+    error_frame,
+    outcome_error,
+)
 from .errors import DaemonError, ModelLoadError
 from .metrics import Metrics
 from .scheduler import BACKGROUND, FOREGROUND, PRIORITIES, PriorityQueue
@@ -680,15 +691,9 @@ class _JobRun:
         if job.timer is not None:
             job.timer.cancel()
         try:
-            if isinstance(outcome, DaemonError):
-                raise outcome
-            if isinstance(outcome, BaseException):
-                log.error("job %s failed", job.request_id, exc_info=outcome)
-                peer.send(error_frame(ErrorCode.INTERNAL, "internal error; see the daemon log", job.request_id))
-                return None
-            if job.timed_out and outcome.finish_reason == "cancelled":  # a reply done just in time is served
-                raise DaemonError(ErrorCode.TIMEOUT,
-                                  f"no reply within {self.server.config.request_timeout_s:g} s", job.request_id)
+            error = outcome_error(outcome, job.request_id, job.timed_out, self.server.config.request_timeout_s)
+            if error is not None:
+                raise error
             frame = core.finish(job, outcome, self.assembler)
         except DaemonError as exc:
             peer.send(error_frame(exc.code, exc.message, job.request_id))
