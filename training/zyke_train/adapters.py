@@ -10,11 +10,37 @@ from pathlib import Path
 
 from zyke.paths import data_dir
 from zyke_daemon.adapters import SHIPPED_ADAPTERS, AdapterEntry, AdapterRegistry
+from zyke_daemon.errors import DaemonError
 from zyke_daemon.lora_gguf import export_peft_to_gguf
+
+from .errors import AdapterError
+
+#: Files of a PEFT adapter folder: what a run can start from (``train --init-adapter``, ``rl --adapter``).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def default_registry(extra: list[Path] | None = None) -> AdapterRegistry:
     return AdapterRegistry([data_dir() / "adapters", *(extra or []), SHIPPED_ADAPTERS])
+
+
+def resolve_adapter(adapter: str, flag: str = "--adapter") -> Path:
+    """A PEFT folder as given, or a registered adapter's PEFT folder (hash-checked by the registry); ``flag`` names
+    the option in the error."""
+    path = Path(adapter).expanduser()
+    if path.is_dir():
+        missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
+        if missing:
+            raise AdapterError(f"{path} is not a PEFT adapter folder (missing {', '.join(missing)})")
+        return path
+    registry = default_registry()
+    found = registry.entries().get(adapter)
+    if found is None:
+        raise AdapterError(f"{flag} {adapter!r}: neither a PEFT folder nor a registered adapter "
+                           "(zyke-train adapters lists them)")
+    try:
+        return registry.resolve(adapter, found[1].base, "peft")
+    except DaemonError as exc:
+        raise AdapterError(f"{flag} {adapter!r}: {exc}") from exc
 
 
 def export_gguf(peft_dir: Path, out: Path | None = None, arch: str = "gemma3") -> Path:

@@ -9,3 +9,8 @@ class TrainError(Exception):
 
 class PrepareError(Exception):
     """A problem with the inputs or the output directory that the user must fix (exit 2)."""
+
+
+class AdapterError(Exception):
+    """An adapter named on the command line is neither a PEFT folder nor a registered adapter that resolves; each
+    command reports it as its own error (``TrainError``, ``RlError``)."""

@@ -6,18 +6,8 @@ sent afterwards (a reward in [-1, 1], optionally a label: the action, emotion or
 right). The format is documented in ``docs/EXPERIENCE.md``; its models and reader are ``zyke.experience`` (the
 SDK's, so the daemon that writes it and training that reads it share one definition), re-exported here.
 
-Why a reader this strict:
-
-- **Versioned.** Every record carries ``v``; an unknown version is refused with a typed error instead of
-  being half-read, so a file from a newer daemon never trains silently on misread fields.
-- **Bounded.** Files, lines and record counts have caps (``Limits``): an experience file is written by a
-  game running on a player's machine, and reading it must not take unbounded memory.
-- **Typed errors.** Every problem is an ``ExperienceError`` subclass that names file and line; a torn last
-  line (the writer killed mid-append) is reported as such and skipped, not treated as corruption.
-- **Consistent.** Replies and labels must use the record's own NPC's emotions and actions (as the daemon
-  decodes), so a label naming an undeclared action cannot teach the model something it can never say.
-- **Private by construction.** ``extra="forbid"`` everywhere except the game state: a record cannot carry a
-  token or any field the format does not name.
+Why the reader is as strict as it is (versioned, bounded, typed errors, consistent labels, no field the format
+does not name): ``zyke.experience``'s docstring.
 
 ``to_npc_row`` and ``to_reward_row`` turn records into the two training inputs (``zyke-train blocks
 --experience``): NPC dataset rows (``schemas/npc_example.json``) for ``zyke-train train``, and reward rows

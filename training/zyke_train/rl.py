@@ -40,10 +40,6 @@ from .rewards import RewardWeights
 
 log = logging.getLogger(__name__)
 
-#: Files of a PEFT adapter folder that are copied as the starting point.
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
 class RlError(Exception):
     """A problem the user can fix (bad data, unknown adapter, a budget that cannot run): the CLI prints it."""
 
@@ -151,32 +147,11 @@ def load_prompts(paths: Sequence[Path], limit: int | None = None) -> list[dict[s
 # -- the starting adapter
 
 
-def resolve_adapter(adapter: str) -> Path:
-    """A PEFT folder as given, or a registered adapter's PEFT folder (hash-checked by the registry)."""
-    path = Path(adapter).expanduser()
-    if path.is_dir():
-        missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
-        if missing:
-            raise RlError(f"{path} is not a PEFT adapter folder (missing {', '.join(missing)})")
-        return path
-    from zyke_daemon.errors import DaemonError
-
-    from .adapters import default_registry
-
-    registry = default_registry()
-    found = registry.entries().get(adapter)
-    if found is None:
-        raise RlError(f"--adapter {adapter!r}: neither a PEFT folder nor a registered adapter "
-                      "(zyke-train adapters lists them)")
-    try:
-        return registry.resolve(adapter, found[1].base, "peft")
-    except DaemonError as exc:
-        raise RlError(f"--adapter {adapter!r}: {exc}") from exc
-
-
 def copy_adapter(source: Path, dest: Path) -> Path:
     """The starting adapter's two files copied to ``dest`` (the source, e.g. the shipped one, stays as is)."""
     dest.mkdir(parents=True, exist_ok=True)
+    from .adapters import ADAPTER_FILES
+
     for name in ADAPTER_FILES:
         shutil.copyfile(source / name, dest / name)
     return dest
@@ -210,7 +185,13 @@ def rl(config: RlConfig, on_log: Callable[[str], None] = print) -> RlResult:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = load_prompts([Path(p) for p in config.data], config.limit)
-    start = copy_adapter(resolve_adapter(config.adapter), output_dir / "start")
+    from .adapters import resolve_adapter
+    from .errors import AdapterError
+
+    try:
+        start = copy_adapter(resolve_adapter(config.adapter), output_dir / "start")
+    except AdapterError as exc:
+        raise RlError(str(exc)) from exc
 
     base_path = resolve_model(config.model)
     tokenizer = AutoTokenizer.from_pretrained(base_path)

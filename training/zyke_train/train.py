@@ -161,12 +161,13 @@ def _load_init_adapter(model: Any, config: TrainConfig) -> Any:
     """The base wrapped with ``config.init_adapter``'s weights, trainable (LoRA flags of the run are ignored)."""
     from peft import PeftModel
 
-    from .rl import RlError, resolve_adapter
+    from .adapters import resolve_adapter
+    from .errors import AdapterError
 
     try:
-        path = resolve_adapter(config.init_adapter or "")
-    except RlError as exc:
-        raise TrainError(str(exc).replace("--adapter", "--init-adapter")) from exc
+        path = resolve_adapter(config.init_adapter or "", flag="--init-adapter")
+    except AdapterError as exc:
+        raise TrainError(str(exc)) from exc
     try:
         return PeftModel.from_pretrained(model, str(path), is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as exc:  # shapes or module names of another base
