@@ -99,7 +99,7 @@ def make_npc(rng: random.Random, card: Card, idx: int, heldout: bool) -> Npc:
         used.add(name)
         actions[role_key] = name
         if opaque or rng.random() < 0.5:
-            described[name] = rng.choice(role.descriptions)
+            described[name] = rng.choice(role.descriptions if heldout else role.descriptions + role.train_descriptions)
     moods = ["neutral", *rng.sample([m for m in EMOTION_ROLES if m != "neutral"], rng.randint(2, 5))]
     emotions: dict[str, str] = {}
     for mood in moods:
