@@ -304,3 +304,16 @@ def test_rl_refuses_what_it_cannot_use(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["rl", "--data", str(good), "--output-dir", str(tmp_path / "o"),
                                        "--reward-weights", "style=2"])
     assert result.exit_code == 2 and "--reward-weights" in result.output
+
+
+def test_rl_prompts_cap_a_label_share() -> None:
+    from zyke_train.rl import load_prompts
+
+    everything = load_prompts([TRAIN])
+    capped = load_prompts([TRAIN], max_action_share={"none": 0.2})
+    nones = [r for r in capped if r["label_action"] == "none"]
+    others = [r for r in everything if r["label_action"] != "none"]
+    assert nones and len(nones) < sum(1 for r in everything if r["label_action"] == "none")
+    assert len(nones) <= 0.2 * len(capped) + 1
+    assert [r["id"] for r in capped if r["label_action"] != "none"] == [r["id"] for r in others]
+    assert load_prompts([TRAIN], max_action_share={"none": 0.2}) == capped  # the same seed, the same prompts

@@ -305,6 +305,8 @@ def train_cmd(data: tuple[Path, ...], output_dir: Path, adapter_name: str | None
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N rows.")
+@click.option("--max-action-share", "max_action_share", multiple=True, metavar="ACTION=SHARE",
+              help="Subsample prompts labelled with this action to at most SHARE (e.g. none=0.2); repeatable.")
 @click.option("--reward-weights", default=None, metavar="TERM=W,...",
               help="Override reward term weights (validity, action, feedback, repetition, length).")
 @click.option("--min-say-chars", type=click.IntRange(0), default=2, show_default=True,
@@ -336,6 +338,7 @@ def rl_cmd(data: tuple[Path, ...], adapter: str, output_dir: Path, reward_weight
                 raise click.BadParameter(f"expected TERM=W with TERM one of {', '.join(sorted(names))}, got "
                                          f"{item!r}", param_hint="--reward-weights") from None
         weights = replace(weights, **updates)
+    options["max_action_share"] = _parse_shares(options.get("max_action_share") or ())  # type: ignore[arg-type]
     config = RlConfig(data=[str(p) for p in data], output_dir=str(output_dir), adapter=adapter, weights=weights,
                       **options)  # type: ignore[arg-type]
     try:

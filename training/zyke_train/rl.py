@@ -63,6 +63,10 @@ class RlConfig:
     temperature: float = 1.0
     seed: int = 0
     limit: int | None = None
+    #: Subsample prompts whose label is this action to at most this share (e.g. ``{"none": 0.35}``), as
+    #: ``train --max-action-share`` does: GRPO learns only where samples of a prompt disagree, and most
+    #: "just talk" prompts have every sample right already.
+    max_action_share: dict[str, float] = field(default_factory=dict)
     min_say_chars: int = 2
     max_say_chars: int = 300
     threads: int | None = None
@@ -116,8 +120,18 @@ def prompt_row(row: dict[str, Any]) -> dict[str, Any]:
             "recorded_action": recorded_action, "recorded_reward": reward}
 
 
-def load_prompts(paths: Sequence[Path], limit: int | None = None) -> list[dict[str, Any]]:
-    """GRPO rows from every file, bad rows skipped with a warning (like ``train``), at most ``limit``."""
+def cap_label_share(rows: list[dict[str, Any]], max_share: dict[str, float], seed: int = 0) -> list[dict[str, Any]]:
+    """The rows with each capped label subsampled to at most its share (``train``'s ``epoch_subset``, one
+    epoch); rows without a label (reward rows) are kept."""
+    from .batching import epoch_subset
+
+    return [rows[i] for i in epoch_subset([r["label_action"] for r in rows], max_share, seed, 0)]
+
+
+def load_prompts(paths: Sequence[Path], limit: int | None = None, max_action_share: dict[str, float] | None = None,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """GRPO rows from every file, bad rows skipped with a warning (like ``train``), at most ``limit``, then
+    labels capped by ``max_action_share``."""
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     for path in paths:
@@ -139,6 +153,8 @@ def load_prompts(paths: Sequence[Path], limit: int | None = None) -> list[dict[s
         log.warning("skipped %d bad rows (first: %s)", len(skipped), skipped[0])
     if limit is not None:
         rows = rows[:limit]
+    if max_action_share:
+        rows = cap_label_share(rows, max_action_share, seed)
     if not rows:
         raise RlError("no usable rows in " + ", ".join(map(str, paths)) + (f" ({skipped[0]})" if skipped else ""))
     return rows
@@ -184,7 +200,7 @@ def rl(config: RlConfig, on_log: Callable[[str], None] = print) -> RlResult:
         torch.set_num_threads(config.threads)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    rows = load_prompts([Path(p) for p in config.data], config.limit)
+    rows = load_prompts([Path(p) for p in config.data], config.limit, config.max_action_share, config.seed)
     from .adapters import resolve_adapter
     from .errors import AdapterError
 
