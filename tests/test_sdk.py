@@ -257,3 +257,21 @@ def test_an_error_code_newer_than_the_sdk_still_fails_its_request_with_that_code
     known = conn.register("s2")
     _route(conn, json.dumps({"v": 1, "type": "error", "id": "s2", "code": "unknown_action", "message": "m"}))
     assert known.get_nowait().code == "unknown_action"  # a known code still parses as an Error frame
+
+
+def test_say_submit_and_stream_reject_unknown_keywords(client: Client) -> None:
+    """The keywords are one TypedDict (``**kwargs: Unpack[SayOptions]``); a misspelt one is still a TypeError,
+    raised at the call (``submit`` included: not inside its future) and before anything is sent."""
+    from zyke.say_options import SAY_KEYWORDS
+
+    assert SAY_KEYWORDS == {"state", "options", "adapter", "timeout", "max_tokens", "temperature", "top_p", "top_k",
+                            "seed", "stop", "repeat_penalty", "no_repeat_ngram", "allowed_actions", "priority",
+                            "deadline_ms"}
+    npc = brom(client)
+    for method in (npc.say, npc.submit, npc.stream):
+        expected = rf"Npc\.{method.__name__}\(\) got an unexpected keyword argument 'temprature'"
+        with pytest.raises(TypeError, match=expected):
+            method("Hi", temprature=0.5)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="allowed_actions must be a list"):
+        npc.say("Hi", allowed_actions="none")
+    assert npc.save().get("history", []) == []

@@ -104,3 +104,16 @@ def test_async_allowed_actions_and_unknown_action(daemon: DaemonProcess, request
             assert_valid(await brom.say("Hello?", max_tokens=16), brom)
 
     asyncio.run(main())
+
+
+def test_async_say_and_stream_reject_unknown_keywords(daemon: DaemonProcess, request: pytest.FixtureRequest) -> None:
+    async def main() -> None:
+        async with AsyncClient(daemon.url, daemon.token, game=game_name(request), timeout=300) as client:
+            brom = await define(client)
+            with pytest.raises(TypeError, match=r"AsyncNpc\.stream\(\) got an unexpected keyword argument 'tmp'"):
+                brom.stream("Hi", tmp=0.5)  # type: ignore[call-arg]
+            with pytest.raises(TypeError, match=r"AsyncNpc\.say\(\) got an unexpected keyword argument 'tmp'"):
+                await brom.say("Hi", tmp=0.5)  # type: ignore[call-arg]
+            assert (await brom.save()).get("history", []) == []
+
+    asyncio.run(main())

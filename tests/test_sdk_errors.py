@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import socket
 from pathlib import Path
 
@@ -12,12 +13,14 @@ from zyke import (
     AuthenticationError,
     Client,
     DaemonNotRunning,
+    ErrorCode,
     ProtocolError,
     UnknownAdapter,
     UnknownNpc,
     ZykeError,
     ZykeTimeout,
 )
+from zyke.errors import error_for_code
 
 
 def closed_port_url() -> str:
@@ -100,8 +103,45 @@ def test_autostart_and_the_daemons_own_timeout(tmp_path: Path, monkeypatch: pyte
         with pytest.raises(ZykeTimeout) as info:
             npc.say("Tell me everything about your life, in great detail.", max_tokens=400)
         assert info.value.code == "timeout" and "client timeout" not in info.value.message
+        assert isinstance(info.value, TimeoutError) and not isinstance(info.value, ProtocolError)
     finally:
         client.close()
     assert started.proc.poll() is not None  # stopped with the client
     with Client(url, "x") as other, pytest.raises(DaemonNotRunning):
         other.connect()
+
+
+def test_zyke_timeout_is_a_timeout_error_and_not_a_protocol_error() -> None:
+    err = ZykeTimeout("no answer", code="timeout", request_id="s1")
+    assert not isinstance(err, ProtocolError)
+    assert isinstance(err, ZykeError) and isinstance(err, TimeoutError)
+    assert (err.code, err.request_id, err.message, err.details, str(err)) == (
+        "timeout", "s1", "no answer", {}, "[timeout] no answer")
+    # the daemon's own timeout code still maps to it, and pickling keeps the attributes
+    mapped = error_for_code("timeout", "the daemon gave up", "s2")
+    assert type(mapped) is ZykeTimeout and mapped.code == ErrorCode.TIMEOUT and mapped.request_id == "s2"
+    copy = pickle.loads(pickle.dumps(mapped))
+    assert type(copy) is ZykeTimeout and (copy.code, copy.message, copy.request_id) == (
+        "timeout", "the daemon gave up", "s2")
+
+
+def test_every_daemon_error_code_comes_back_on_its_exception() -> None:
+    for code in ErrorCode:
+        err = error_for_code(code.value, "m", "r1", {"k": 1})
+        assert err.code == code and isinstance(err.code, ErrorCode)
+        assert (err.message, err.request_id, err.details) == ("m", "r1", {"k": 1})
+        assert isinstance(err, ZykeError)
+        assert isinstance(err, ZykeTimeout) == (code == ErrorCode.TIMEOUT)
+        assert isinstance(err, ProtocolError) == (code != ErrorCode.TIMEOUT)
+    newer = error_for_code("from_the_future", "m")
+    assert type(newer) is ProtocolError and newer.code == "from_the_future"
+
+
+def test_a_client_side_timeout_is_a_timeout_error_not_a_protocol_error(client: Client) -> None:
+    npc = client.npc("brom", persona="A dwarf.")
+    with pytest.raises(ZykeTimeout) as info:
+        npc.say("Hi", timeout=0)
+    assert isinstance(info.value, TimeoutError) and not isinstance(info.value, ProtocolError)
+    assert info.value.code == "timeout" and info.value.request_id
+    assert "client timeout" in info.value.message
+    client.ping()  # the client carries on

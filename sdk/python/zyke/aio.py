@@ -9,6 +9,18 @@ is never retried behind the game's back, since the daemon may have recorded the 
 call opens a new connection, says hello again and re-defines every NPC this client defined. The
 daemon keeps NPC history on disk and ``npc.define`` keeps it, so a restarted daemon resumes the
 conversation where it stopped.
+
+One request lifecycle. ``AsyncNpc``, ``AsyncReplyStream`` (and, through them, the synchronous
+``Client``) never touch an ``AsyncClient``'s private members: a handle receives the client's
+``_Requests``, a small object the client owns and whose un-underscored methods are the whole
+internal interface between them (ids, the NPCs defined, ``request``, ``say``, ``stream``). The
+client keeps the connection; ``_Requests`` keeps what each request needs. Each request's
+register -> send -> await -> cleanup is written once: ``_Conn.exchange`` for the requests answered
+by one frame (definitions, state, adapters, ping, cancel, feedback), ``_Call`` for an ``npc.say``
+(a queue slot, the reply awaited whole or streamed piece by piece, a cancel sent on the daemon when
+the caller gives up). A separate object rather than un-underscored methods on ``AsyncClient``: game
+code sees the client's surface, and this interface is not part of it. The sync client only
+schedules these coroutines on its loop thread (client.py).
 """
 
 from __future__ import annotations
@@ -18,10 +30,10 @@ import contextlib
 import itertools
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
@@ -32,6 +44,7 @@ from .choices import ChoicesLike, build_choices
 from .errors import (
     START_HINT,
     AuthenticationError,
+    CodedError,
     ConnectionLost,
     DaemonNotRunning,
     ProtocolError,
@@ -53,7 +66,6 @@ from .protocol import (
     Feedback,
     FeedbackLabel,
     Frame,
-    GenerationOptions,
     Hello,
     NpcDefaults,
     NpcDefine,
@@ -75,6 +87,7 @@ from .protocol import (
 )
 from .protocol.models import Audience, ClientInfo, Priority
 from .response import LabelLike, NpcResponse, OptionsLike, Source, build_options
+from .say_options import DEFAULT, SayOptions, Timeout, _Unset, say_frame
 
 log = logging.getLogger("zyke")
 
@@ -85,15 +98,6 @@ DEFAULT_CONNECT_TIMEOUT = 30.0
 DEFAULT_RECONNECT_WINDOW = 10.0
 
 
-class _Unset:
-    """Marks "use the client's default" where ``None`` already means "no timeout"."""
-
-    def __repr__(self) -> str:
-        return "DEFAULT"
-
-
-DEFAULT: Any = _Unset()
-Timeout = float | None | _Unset
 _Item = Frame | BaseException
 _Request = (NpcDefine | NpcStateGet | NpcStateSet | NpcReset | AdapterList | AdapterLoad | AdapterUnload | Ping
             | Cancel | Feedback)
@@ -135,6 +139,18 @@ class _Conn:
         except ConnectionClosed:
             self.alive = False
             raise _NotSent from None
+
+    async def exchange(self, frame: _Request, deadline: float | None, seconds: float | None) -> _Item:
+        """One request answered by one frame: register, send, await the answer, unregister.
+
+        Raises ``_NotSent`` when the socket was closed before the frame left (the caller may retry).
+        """
+        queue = self.register(frame.id)
+        try:
+            await self.send(frame)
+            return await _next(queue, deadline, seconds, frame.id)
+        finally:
+            self.pending.pop(frame.id, None)
 
     def fail_all(self, exc: BaseException) -> None:
         self.alive = False
@@ -180,13 +196,10 @@ class AsyncClient:
         self._conn: _Conn | None = None
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
-        self._slots: asyncio.Semaphore | None = None
-        self._ids = itertools.count(1)
-        self._npcs: dict[str, NpcSpec] = {}
+        self._requests = _Requests(self, self._ensure_connected)
         self._ever_connected = False
         self._closed = False
         self._daemon: LocalDaemon | None = None
-        self._background: set[asyncio.Task[Any]] = set()
 
     # -- public surface
 
@@ -253,34 +266,37 @@ class AsyncClient:
 
     async def define(self, spec: NpcSpec) -> AsyncNpc:
         """Define an NPC from a ready ``NpcSpec`` (see ``npc`` for the keyword form)."""
-        await self._request(NpcDefine(id=self._new_id("d"), npc=spec), NpcDefined)
-        self._npcs[spec.id] = spec
-        return AsyncNpc(self, spec.id)
+        requests = self._requests
+        await requests.request(NpcDefine(id=requests.new_id("d"), npc=spec), NpcDefined)
+        requests.npcs[spec.id] = spec
+        return AsyncNpc(requests, spec.id)
 
     async def get_npc(self, npc_id: str) -> AsyncNpc:
         """A handle to an NPC the daemon already knows (from an earlier run), without redefining it.
 
         Raises ``UnknownNpc`` when the daemon has no NPC of that id in this game.
         """
-        frame = await self._request(NpcStateGet(id=self._new_id("g"), npc=npc_id), NpcStateFrame)
-        self._npcs[npc_id] = frame.state.npc
-        return AsyncNpc(self, npc_id)
+        requests = self._requests
+        frame = await requests.request(NpcStateGet(id=requests.new_id("g"), npc=npc_id), NpcStateFrame)
+        requests.npcs[npc_id] = frame.state.npc
+        return AsyncNpc(requests, npc_id)
 
     async def adapters(self) -> list[AdapterInfo]:
         """The LoRA adapters the daemon can serve (names to pass as ``adapter=``)."""
-        return (await self._request(AdapterList(id=self._new_id("a")), Adapters)).adapters
+        return (await self._requests.request(AdapterList(id=self._requests.new_id("a")), Adapters)).adapters
 
     async def load_adapter(self, name: str) -> list[AdapterInfo]:
         """Load a registered adapter now rather than on its first line (avoids that line's load delay)."""
-        return (await self._request(AdapterLoad(id=self._new_id("a"), name=name), Adapters)).adapters
+        return (await self._requests.request(AdapterLoad(id=self._requests.new_id("a"), name=name), Adapters)).adapters
 
     async def unload_adapter(self, name: str) -> list[AdapterInfo]:
         """Free a loaded adapter; a later line that names it loads it again."""
-        return (await self._request(AdapterUnload(id=self._new_id("a"), name=name), Adapters)).adapters
+        frame = AdapterUnload(id=self._requests.new_id("a"), name=name)
+        return (await self._requests.request(frame, Adapters)).adapters
 
     async def ping(self, timeout: Timeout = DEFAULT) -> None:
         """One round trip to the daemon; raises if it does not answer."""
-        await self._request(Ping(id=self._new_id("p")), Pong, timeout=timeout)
+        await self._requests.request(Ping(id=self._requests.new_id("p")), Pong, timeout=timeout)
 
     async def aclose(self) -> None:
         """Close the connection (requests in flight fail with ConnectionLost); stop an autostarted daemon."""
@@ -296,7 +312,7 @@ class AsyncClient:
                 conn.reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await conn.reader
-        for task in list(self._background):
+        for task in list(self._requests.background):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 2)
         if self._daemon is not None:
@@ -310,116 +326,6 @@ class AsyncClient:
                         tb: TracebackType | None) -> None:
         await self.aclose()
 
-    # -- requests
-
-    def _new_id(self, prefix: str) -> str:
-        return f"{prefix}{next(self._ids)}"
-
-    def _timeout(self, timeout: Timeout) -> float | None:
-        return self.timeout if isinstance(timeout, _Unset) else timeout
-
-    async def _request(self, frame: _Request, expect: type[F], *, timeout: Timeout = DEFAULT,
-                       idempotent: bool = True) -> F:
-        """Send one request and wait for its single answer. Retried once when the connection dropped, if
-        ``idempotent`` (npc.say goes through ``_say``; feedback is not retried once sent: it may have been
-        recorded, and a second rating would count twice)."""
-        seconds = self._timeout(timeout)
-        deadline = _deadline(seconds)
-        for attempt in range(2):
-            conn = await self._ensure_connected()
-            queue = conn.register(frame.id)
-            try:
-                await conn.send(frame)
-                item = await _next(queue, deadline, seconds, frame.id)
-                if isinstance(item, ConnectionLost) and attempt == 0 and idempotent:
-                    continue
-            except _NotSent:
-                if attempt == 0:
-                    continue
-                raise ConnectionLost(_NOT_SENT_MESSAGE) from None
-            finally:
-                conn.pending.pop(frame.id, None)
-            return _expect(item, expect)
-        raise AssertionError("unreachable")
-
-    async def _start_say(self, frame: NpcSay) -> tuple[_Conn, asyncio.Queue[_Item]]:
-        """Send an npc.say. Retried only when the frame provably never left this process."""
-        for attempt in range(2):
-            conn = await self._ensure_connected()
-            queue = conn.register(frame.id)
-            try:
-                await conn.send(frame)
-            except _NotSent:
-                conn.pending.pop(frame.id, None)
-                if attempt == 0:
-                    continue
-                raise ConnectionLost(_NOT_SENT_MESSAGE) from None
-            return conn, queue
-        raise AssertionError("unreachable")
-
-    async def _acquire_slot(self, deadline: float | None, seconds: float | None, request_id: str) -> None:
-        """Wait for room in the daemon's per-connection queue instead of getting queue_full."""
-        if self._slots is None:
-            await self._ensure_connected()
-        assert self._slots is not None
-        remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
-        try:
-            await asyncio.wait_for(self._slots.acquire(), remaining)
-        except TimeoutError:
-            raise _timeout_error(seconds, request_id) from None
-
-    def _release_slot(self) -> None:
-        if self._slots is not None:
-            self._slots.release()
-
-    async def _say(self, frame: NpcSay, timeout: Timeout) -> NpcResponse:
-        seconds = self._timeout(timeout)
-        deadline = _deadline(seconds)
-        await self._acquire_slot(deadline, seconds, frame.id)
-        try:
-            conn, queue = await self._start_say(frame)
-            finished = False
-            try:
-                item = await _next(queue, deadline, seconds, frame.id)
-                finished = True
-            finally:
-                conn.pending.pop(frame.id, None)
-                if not finished:  # timed out, or the calling task was cancelled: stop the work too
-                    self._cancel_soon(conn, frame.id)
-            return self._bound(NpcResponse.from_frame(_expect(item, Reply)))
-        finally:
-            self._release_slot()
-
-    def _bound(self, response: NpcResponse) -> NpcResponse:
-        """``response.rate(...)`` sends feedback through this client (an awaitable)."""
-        return response._bind(AsyncNpc(self, response.npc).feedback)
-
-    def _cancel_soon(self, conn: _Conn, target: str) -> None:
-        """Send a cancel for ``target`` without waiting for its ok (safe from finally blocks)."""
-        if not conn.alive or conn.loop.is_closed():
-            return
-
-        async def send() -> None:
-            with contextlib.suppress(_NotSent):
-                await conn.send(Cancel(id=self._new_id("c"), target=target))
-
-        conn.abandoned.add(target)
-        task = conn.loop.create_task(send())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _cancel(self, conn: _Conn, target: str) -> None:
-        """Send a cancel and wait for the daemon's answer (ok, or unknown_request if already done)."""
-        frame = Cancel(id=self._new_id("c"), target=target)
-        queue = conn.register(frame.id)
-        try:
-            await conn.send(frame)
-            _expect(await _next(queue, _deadline(self.connect_timeout), self.connect_timeout, frame.id), Ok)
-        except _NotSent:
-            return
-        finally:
-            conn.pending.pop(frame.id, None)
-
     # -- connection
 
     def _loop_lock(self) -> asyncio.Lock:
@@ -429,7 +335,7 @@ class AsyncClient:
                 if not self._conn.loop.is_closed():
                     raise RuntimeError("this AsyncClient is in use on another event loop; make one per loop")
                 self._conn = None
-            self._lock, self._lock_loop, self._slots = asyncio.Lock(), loop, None
+            self._lock, self._lock_loop, self._requests.slots = asyncio.Lock(), loop, None
         return self._lock
 
     async def _ensure_connected(self) -> _Conn:
@@ -487,7 +393,7 @@ class AsyncClient:
                 f"no token to present to the daemon: set ZYKE_TOKEN, pass token=, or start the daemon "
                 f"once so it writes {token_path()}", code="unauthorized")
         loop = asyncio.get_running_loop()
-        hello = Hello(id=self._new_id("h"), token=token, protocol=PROTOCOL_VERSION, game=self.game,
+        hello = Hello(id=self._requests.new_id("h"), token=token, protocol=PROTOCOL_VERSION, game=self.game,
                       client=ClientInfo(name=self.client_name, version=__version__))
         try:
             await ws.send(json.dumps(dump_frame(hello)))
@@ -510,26 +416,21 @@ class AsyncClient:
         welcome = Welcome.model_validate(raw)
         conn = _Conn(ws=ws, welcome=welcome, loop=loop)
         conn.reader = loop.create_task(self._read(conn), name="zyke-reader")
-        if self._slots is None:
+        if self._requests.slots is None:
             limit = welcome.limits.max_queued_per_client if welcome.limits else None
-            self._slots = asyncio.Semaphore(limit or 8)
+            self._requests.slots = asyncio.Semaphore(limit or 8)
         # Bring the daemon back to what this client defined (history is kept on its disk).
         try:
-            for spec in list(self._npcs.values()):
-                frame = NpcDefine(id=self._new_id("d"), npc=spec)
-                queue = conn.register(frame.id)
-                try:
-                    await conn.send(frame)
-                    deadline = _deadline(self.connect_timeout)
-                    _expect(await _next(queue, deadline, self.connect_timeout, frame.id), NpcDefined)
-                finally:
-                    conn.pending.pop(frame.id, None)
+            for spec in list(self._requests.npcs.values()):
+                frame = NpcDefine(id=self._requests.new_id("d"), npc=spec)
+                item = await conn.exchange(frame, _deadline(self.connect_timeout), self.connect_timeout)
+                _expect(item, NpcDefined)
         except (_NotSent, ConnectionLost) as exc:
             conn.alive = False
             raise DaemonNotRunning(f"the daemon at {url} dropped the connection while NPCs were being "
                                    f"re-defined; {START_HINT}") from exc
         if self._ever_connected:
-            log.info("reconnected to %s and re-defined %d NPC(s)", url, len(self._npcs))
+            log.info("reconnected to %s and re-defined %d NPC(s)", url, len(self._requests.npcs))
         return conn
 
     async def _read(self, conn: _Conn) -> None:
@@ -548,6 +449,200 @@ class AsyncClient:
                 self._conn = None
             conn.fail_all(ConnectionLost(f"{reason} while this request was in flight; it was not retried "
                                          "(the next call reconnects)"))
+
+
+class _Requests:
+    """The internal interface an ``AsyncClient`` gives its handles (see the module docstring).
+
+    The client owns one and keeps the connection (``connect`` returns the open one or opens one);
+    this keeps what every request needs: ids, the NPCs defined (re-defined after a reconnect), the
+    slots that keep the client within the daemon's per-connection queue, and the cancels sent in the
+    background. Not for game code.
+    """
+
+    def __init__(self, client: AsyncClient, connect: Callable[[], Awaitable[_Conn]]) -> None:
+        self._client = client  # read for its public settings only: timeout, connect_timeout
+        self.connect = connect
+        self.npcs: dict[str, NpcSpec] = {}
+        self.slots: asyncio.Semaphore | None = None
+        self.background: set[asyncio.Task[Any]] = set()
+        self._ids = itertools.count(1)
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}{next(self._ids)}"
+
+    def seconds(self, timeout: Timeout) -> float | None:
+        """A call's ``timeout`` in seconds (``DEFAULT``: the client's, read now)."""
+        return self._client.timeout if isinstance(timeout, _Unset) else timeout
+
+    async def request(self, frame: _Request, expect: type[F], *, timeout: Timeout = DEFAULT,
+                      idempotent: bool = True) -> F:
+        """Send one request and wait for its single answer. Retried once when the connection dropped, if
+        ``idempotent`` (npc.say goes through ``say``/``stream``; feedback is not retried once sent: it may have
+        been recorded, and a second rating would count twice)."""
+        seconds = self.seconds(timeout)
+        deadline = _deadline(seconds)
+        for attempt in range(2):
+            conn = await self.connect()
+            try:
+                item = await conn.exchange(frame, deadline, seconds)
+            except _NotSent:
+                if attempt == 0:
+                    continue
+                raise ConnectionLost(_NOT_SENT_MESSAGE) from None
+            if isinstance(item, ConnectionLost) and attempt == 0 and idempotent:
+                continue
+            return _expect(item, expect)
+        raise AssertionError("unreachable")
+
+    async def say(self, frame: NpcSay, timeout: Timeout) -> NpcResponse:
+        """An npc.say answered whole (cancelled on the daemon if this task is cancelled or times out)."""
+        call = _Call(self, frame, timeout)
+        await call.start()
+        try:
+            item = await call.next()
+        finally:
+            call.finish()
+        return self.response(item)
+
+    def stream(self, frame: NpcSay, timeout: Timeout) -> _Call:
+        """An npc.say whose frames the caller reads one by one (nothing is sent before ``start``)."""
+        return _Call(self, frame, timeout)
+
+    def response(self, item: _Item) -> NpcResponse:
+        """The reply a say ended with (or its error raised); ``response.rate(...)`` sends feedback through here."""
+        response = NpcResponse.from_frame(_expect(item, Reply))
+        return response._bind(AsyncNpc(self, response.npc).feedback)
+
+    async def acquire_slot(self, deadline: float | None, seconds: float | None, request_id: str) -> None:
+        """Wait for room in the daemon's per-connection queue instead of getting queue_full."""
+        if self.slots is None:
+            await self.connect()
+        assert self.slots is not None
+        remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(self.slots.acquire(), remaining)
+        except TimeoutError:
+            raise _timeout_error(seconds, request_id) from None
+
+    def release_slot(self) -> None:
+        if self.slots is not None:
+            self.slots.release()
+
+    def cancel_soon(self, conn: _Conn, target: str) -> None:
+        """Send a cancel for ``target`` without waiting for its ok (safe from finally blocks)."""
+        if not conn.alive or conn.loop.is_closed():
+            return
+
+        async def send() -> None:
+            with contextlib.suppress(_NotSent):
+                await conn.send(Cancel(id=self.new_id("c"), target=target))
+
+        conn.abandoned.add(target)
+        task = conn.loop.create_task(send())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def cancel(self, conn: _Conn, target: str) -> None:
+        """Send a cancel and wait for the daemon's answer (ok, or unknown_request if already done)."""
+        seconds = self._client.connect_timeout
+        try:
+            _expect(await conn.exchange(Cancel(id=self.new_id("c"), target=target), _deadline(seconds), seconds), Ok)
+        except _NotSent:
+            return
+
+
+class _Call:
+    """One npc.say from its queue slot to its cleanup, whether the reply is awaited whole or streamed.
+
+    ``start`` waits for a slot, registers the id and sends the frame (again, on a fresh connection,
+    only when it provably never left this process: the daemon may have recorded a turn it saw);
+    ``next`` awaits the next frame before the deadline and, when the caller gives up (timeout,
+    cancelled task), stops the work on the daemon; ``finish`` unregisters and frees the slot
+    (idempotent). ``cancel`` waits for the daemon to confirm; ``abandon`` does not.
+    """
+
+    def __init__(self, requests: _Requests, frame: NpcSay, timeout: Timeout) -> None:
+        self._requests = requests
+        self.frame = frame
+        self.seconds = requests.seconds(timeout)
+        self._deadline: float | None = None
+        self._conn: _Conn | None = None
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._slot = False
+        self.done = False
+
+    @property
+    def started(self) -> bool:
+        return self._queue is not None
+
+    async def start(self) -> None:
+        self._deadline = _deadline(self.seconds)
+        try:
+            await self._requests.acquire_slot(self._deadline, self.seconds, self.frame.id)
+        except BaseException:
+            self.done = True
+            raise
+        self._slot = True
+        try:
+            for attempt in range(2):
+                conn = await self._requests.connect()
+                queue = conn.register(self.frame.id)
+                self._conn = conn
+                try:
+                    await conn.send(self.frame)
+                except _NotSent:
+                    conn.pending.pop(self.frame.id, None)
+                    self._conn = None
+                    if attempt == 0:
+                        continue
+                    raise ConnectionLost(_NOT_SENT_MESSAGE) from None
+                self._queue = queue
+                return
+        except BaseException:
+            self.finish()
+            raise
+
+    async def next(self) -> _Item:
+        """The next frame (or error) for this request."""
+        assert self._queue is not None
+        try:
+            return await _next(self._queue, self._deadline, self.seconds, self.frame.id)
+        except BaseException:  # timeout, or the task was cancelled: stop the daemon's work too
+            self.abandon()
+            raise
+
+    def finish(self) -> None:
+        self.done = True
+        if self._conn is not None:
+            self._conn.pending.pop(self.frame.id, None)
+        if self._slot:
+            self._slot = False
+            self._requests.release_slot()
+
+    async def cancel(self) -> None:
+        """Stop the generation on the daemon and wait for its answer; the reply's frame then says cancelled."""
+        if self.done:
+            return
+        if self._conn is None or self._queue is None:  # never sent: nothing to stop on the daemon
+            self.finish()
+            return
+        try:
+            await self._requests.cancel(self._conn, self.frame.id)
+        except ProtocolError as exc:
+            if exc.code != "unknown_request":  # it finished meanwhile; its reply is in the queue
+                raise
+
+    def abandon(self) -> None:
+        """Give up on the reply: an unfinished request is cancelled on the daemon without waiting."""
+        if not self.done and self._conn is not None:
+            self._requests.cancel_soon(self._conn, self.frame.id)
+        self.finish()
+
+    def abandon_threadsafe(self) -> None:
+        """``abandon`` from any thread (a finalizer): scheduled on the connection's loop."""
+        if not self.done and self._conn is not None:
+            self._conn.loop.call_soon_threadsafe(self.abandon)
 
 
 def _route(conn: _Conn, message: str | bytes) -> None:
@@ -581,7 +676,7 @@ def _route(conn: _Conn, message: str | bytes) -> None:
                     item.code, item.message, item.id)
 
 
-def _unknown_code_error(raw: dict[str, Any]) -> ProtocolError | None:
+def _unknown_code_error(raw: dict[str, Any]) -> CodedError | None:
     """An error frame whose code is newer than this SDK still fails its request with that code.
 
     Error codes are an open set (docs/PROTOCOL.md): a newer daemon may send one ``ErrorCode`` lacks,
@@ -624,14 +719,14 @@ def _expect(item: _Item, expect: type[F]) -> F:
 class AsyncNpc:
     """A handle to one NPC defined through an ``AsyncClient``. Cheap; make as many as you like."""
 
-    def __init__(self, client: AsyncClient, npc_id: str) -> None:
-        self._client = client
+    def __init__(self, requests: _Requests, npc_id: str) -> None:
+        self._requests = requests
         self.id = npc_id
 
     @property
     def spec(self) -> NpcSpec:
         """The NPC's current definition (updated by ``load``)."""
-        return self._client._npcs[self.id]
+        return self._requests.npcs[self.id]
 
     @property
     def name(self) -> str:
@@ -650,67 +745,32 @@ class AsyncNpc:
     def __repr__(self) -> str:
         return f"AsyncNpc({self.id!r})"
 
-    def _frame(self, text: str, state: Mapping[str, Any] | None, options: GenerationOptions | None,
-               adapter: str | None, stream: bool, allowed_actions: Sequence[str] | None,
-               priority: Priority | None = None, deadline_ms: int | None = None) -> NpcSay:
-        if isinstance(allowed_actions, str):  # list("none") would become ["n", "o", "n", "e"]
-            raise TypeError(f"allowed_actions must be a list of action names, not the string {allowed_actions!r}")
-        return NpcSay(id=self._client._new_id("s"), npc=self.id, input=text,
-                      state=dict(state) if state is not None else None, options=options,
-                      stream=stream or None, adapter=adapter,
-                      allowed_actions=list(allowed_actions) if allowed_actions is not None else None,
-                      priority=priority, deadline_ms=deadline_ms)
-
-    async def say(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
-                  adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
-                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                  seed: int | None = None, stop: Sequence[str] | None = None,
-                  repeat_penalty: float | None = None, no_repeat_ngram: int | None = None,
-                  allowed_actions: Sequence[str] | None = None, priority: Priority | None = None,
-                  deadline_ms: int | None = None) -> NpcResponse:
+    async def say(self, text: str, **kwargs: Unpack[SayOptions]) -> NpcResponse:
         """Say a line to the NPC and wait for its whole reply.
 
-        ``state`` is the game state the NPC should know about this turn (location, gold, quest flags).
-        Generation options come as keywords or an ``options`` object/dict (keywords win); ``adapter``
-        picks a LoRA adapter for this call. ``allowed_actions`` narrows this line to some of the NPC's
-        declared actions (``["none", "refuse"]`` while the shop is closed); a name the NPC did not
-        declare raises ``UnknownAction`` (code ``unknown_action``) from the daemon. When ``timeout``
-        expires the request is cancelled on the daemon and ``ZykeTimeout`` raised; cancelling the
-        awaiting task cancels it on the daemon too. ``priority`` overrides the NPC's default for this line
-        (``"foreground"`` for the NPC the player talks to, ``"background"`` for chatter); ``deadline_ms`` drops
-        the line with ``Expired`` if it has not started within that many milliseconds (docs/SCHEDULING.md).
+        The keywords (``state``, generation options, ``adapter``, ``timeout``, ``allowed_actions``,
+        ``priority``, ``deadline_ms``...) are ``zyke.say_options.SayOptions``'s, documented there; an
+        unknown one is a ``TypeError``. When ``timeout`` expires the request is cancelled on the daemon
+        and ``ZykeTimeout`` raised; cancelling the awaiting task cancels it on the daemon too.
         """
-        opts = build_options(options, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, seed=seed, stop=stop, repeat_penalty=repeat_penalty,
-                             no_repeat_ngram=no_repeat_ngram)
-        return await self._client._say(
-            self._frame(text, state, opts, adapter, False, allowed_actions, priority, deadline_ms), timeout)
+        frame = say_frame(self.id, self._requests.new_id("s"), text, False, kwargs, "AsyncNpc.say")
+        return await self._requests.say(frame, kwargs.get("timeout", DEFAULT))
 
-    def stream(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
-               adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
-               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-               seed: int | None = None, stop: Sequence[str] | None = None,
-               repeat_penalty: float | None = None, no_repeat_ngram: int | None = None,
-               allowed_actions: Sequence[str] | None = None, priority: Priority | None = None,
-               deadline_ms: int | None = None) -> AsyncReplyStream:
+    def stream(self, text: str, **kwargs: Unpack[SayOptions]) -> AsyncReplyStream:
         """Say a line and get the reply as it is generated: ``async for piece in npc.stream(...)``.
 
         Each item is the next piece of the spoken line (a ``str``); they concatenate to the final
         ``stream.response.say``. The request is sent on the first iteration. Leaving the loop early
-        and closing the stream (``async with`` does it) cancels the request on the daemon.
-        ``allowed_actions``, ``priority`` and ``deadline_ms`` work as in ``say``.
+        and closing the stream (``async with`` does it) cancels the request on the daemon. The
+        keywords are ``say``'s (``zyke.say_options.SayOptions``).
         """
-        opts = build_options(options, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, seed=seed, stop=stop, repeat_penalty=repeat_penalty,
-                             no_repeat_ngram=no_repeat_ngram)
-        return AsyncReplyStream(
-            self._client, self._frame(text, state, opts, adapter, True, allowed_actions, priority, deadline_ms),
-            timeout)
+        frame = say_frame(self.id, self._requests.new_id("s"), text, True, kwargs, "AsyncNpc.stream")
+        return AsyncReplyStream(self._requests, frame, kwargs.get("timeout", DEFAULT))
 
     async def save(self) -> dict[str, Any]:
         """The NPC's full state (definition and history) as a JSON-ready dict for a game's save file."""
-        request = NpcStateGet(id=self._client._new_id("g"), npc=self.id)
-        frame = await self._client._request(request, NpcStateFrame)
+        request = NpcStateGet(id=self._requests.new_id("g"), npc=self.id)
+        frame = await self._requests.request(request, NpcStateFrame)
         return frame.state.model_dump(mode="json", exclude_none=True)
 
     async def load(self, state: NpcState | Mapping[str, Any]) -> None:
@@ -718,13 +778,13 @@ class AsyncNpc:
         parsed = state if isinstance(state, NpcState) else NpcState.model_validate(state)
         if parsed.npc.id != self.id:
             raise ValueError(f"this state belongs to NPC {parsed.npc.id!r}, not {self.id!r}")
-        request = NpcStateSet(id=self._client._new_id("l"), state=parsed)
-        frame = await self._client._request(request, NpcStateFrame)
-        self._client._npcs[self.id] = frame.state.npc
+        request = NpcStateSet(id=self._requests.new_id("l"), state=parsed)
+        frame = await self._requests.request(request, NpcStateFrame)
+        self._requests.npcs[self.id] = frame.state.npc
 
     async def reset(self) -> None:
         """Forget the conversation history; the definition stays."""
-        await self._client._request(NpcReset(id=self._client._new_id("r"), npc=self.id), Ok)
+        await self._requests.request(NpcReset(id=self._requests.new_id("r"), npc=self.id), Ok)
 
     async def feedback(self, reply_id: str | NpcResponse, reward: float, *, label: LabelLike = None,
                        source: Source | None = None, note: str | None = None, timeout: Timeout = DEFAULT) -> None:
@@ -742,9 +802,9 @@ class AsyncNpc:
         rid = reply_id.request_id if isinstance(reply_id, NpcResponse) else reply_id
         parsed = label if label is None or isinstance(label, FeedbackLabel) else FeedbackLabel.model_validate(
             dict(label))
-        frame = Feedback(id=self._client._new_id("f"), npc=self.id, reply_id=rid, reward=reward, label=parsed,
+        frame = Feedback(id=self._requests.new_id("f"), npc=self.id, reply_id=rid, reward=reward, label=parsed,
                          source=source, note=note)
-        await self._client._request(frame, Ok, timeout=timeout, idempotent=False)
+        await self._requests.request(frame, Ok, timeout=timeout, idempotent=False)
 
 
 class AsyncReplyStream:
@@ -754,15 +814,9 @@ class AsyncReplyStream:
     (or leaving an ``async with`` block) abandons it quietly, cancelling it on the daemon when unfinished.
     """
 
-    def __init__(self, client: AsyncClient, frame: NpcSay, timeout: Timeout) -> None:
-        self._client = client
-        self._frame = frame
-        self._seconds = client._timeout(timeout)
-        self._deadline: float | None = None
-        self._conn: _Conn | None = None
-        self._queue: asyncio.Queue[_Item] | None = None
-        self._slot = False
-        self._done = False
+    def __init__(self, requests: _Requests, frame: NpcSay, timeout: Timeout) -> None:
+        self._requests = requests
+        self._call = requests.stream(frame, timeout)
         self.text = ""
         """The spoken text received so far."""
         self.response: NpcResponse | None = None
@@ -770,36 +824,14 @@ class AsyncReplyStream:
 
     @property
     def request_id(self) -> str:
-        return self._frame.id
+        return self._call.frame.id
 
     @property
     def done(self) -> bool:
-        return self._done
+        return self._call.done
 
     def __aiter__(self) -> Self:
         return self
-
-    async def _start(self) -> None:
-        self._deadline = _deadline(self._seconds)
-        try:
-            await self._client._acquire_slot(self._deadline, self._seconds, self._frame.id)
-        except BaseException:
-            self._done = True
-            raise
-        self._slot = True
-        try:
-            self._conn, self._queue = await self._client._start_say(self._frame)
-        except BaseException:
-            self._finish()
-            raise
-
-    def _finish(self) -> None:
-        self._done = True
-        if self._conn is not None:
-            self._conn.pending.pop(self._frame.id, None)
-        if self._slot:
-            self._slot = False
-            self._client._release_slot()
 
     async def __anext__(self) -> str:
         piece = await self._next_piece()
@@ -808,23 +840,18 @@ class AsyncReplyStream:
         return piece
 
     async def _next_piece(self) -> str | None:
-        """The next piece of text, or None at the end (what the sync wrapper calls)."""
-        if self._done:
+        """The next piece of text, or None at the end."""
+        call = self._call
+        if call.done:
             return None
-        if self._queue is None:
-            await self._start()
-        assert self._queue is not None and self._conn is not None
-        try:
-            item = await _next(self._queue, self._deadline, self._seconds, self._frame.id)
-        except BaseException:  # timeout, or the task was cancelled: stop the daemon's work too
-            self._client._cancel_soon(self._conn, self._frame.id)
-            self._finish()
-            raise
+        if not call.started:
+            await call.start()
+        item = await call.next()
         if isinstance(item, ReplyDelta):
             self.text += item.text
             return item.text
-        self._finish()
-        self.response = self._client._bound(NpcResponse.from_frame(_expect(item, Reply)))
+        call.finish()
+        self.response = self._requests.response(item)
         return None
 
     async def final(self) -> NpcResponse:
@@ -840,24 +867,11 @@ class AsyncReplyStream:
 
         Does nothing when the reply has already fully arrived.
         """
-        if self._done:
-            return
-        if self._conn is None:  # never sent: nothing to stop on the daemon
-            self._finish()
-            return
-        try:
-            await self._client._cancel(self._conn, self._frame.id)
-        except ProtocolError as exc:
-            if exc.code != "unknown_request":  # it finished meanwhile; its reply is in the queue
-                raise
+        await self._call.cancel()
 
     async def aclose(self) -> None:
         """Abandon the stream; an unfinished request is cancelled on the daemon."""
-        if self._done:
-            return
-        if self._conn is not None:
-            self._client._cancel_soon(self._conn, self._frame.id)
-        self._finish()
+        self._call.abandon()
 
     async def __aenter__(self) -> Self:
         return self
@@ -868,11 +882,7 @@ class AsyncReplyStream:
 
     def __del__(self) -> None:
         # Breaking out of ``async for`` without closing: still stop the work on the daemon.
-        if not getattr(self, "_done", True) and self._conn is not None:
+        call = getattr(self, "_call", None)
+        if call is not None:
             with contextlib.suppress(Exception):
-                self._conn.loop.call_soon_threadsafe(self._abandon)
-
-    def _abandon(self) -> None:
-        if not self._done and self._conn is not None:
-            self._client._cancel_soon(self._conn, self._frame.id)
-            self._finish()
+                call.abandon_threadsafe()

@@ -8,6 +8,11 @@ once: their requests are multiplexed on the one connection and answered independ
 For a game loop that must not block a frame, ``npc.submit(...)`` returns a
 ``concurrent.futures.Future`` to poll with ``done()``; ``future.cancel()`` cancels the line on the
 daemon.
+
+No request logic lives here: ``Npc`` and ``ReplyStream`` wrap the async handles and hand their
+coroutines to ``_LoopThread``, the one internal interface the sync handles get (``run`` blocks on
+a coroutine, ``schedule`` returns its future); a request's lifecycle is the async client's
+(aio.py). The sync side only makes ``response.rate(...)`` block, as every sync call does.
 """
 
 from __future__ import annotations
@@ -16,27 +21,75 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Awaitable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 from .aio import (
-    DEFAULT,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_RECONNECT_WINDOW,
     DEFAULT_TIMEOUT,
     AsyncClient,
     AsyncNpc,
     AsyncReplyStream,
-    Timeout,
 )
 from .choices import ChoicesLike
 from .errors import ZykeError
 from .protocol import AdapterInfo, NpcSpec, NpcState, Priority, Welcome
 from .protocol.models import Audience
 from .response import LabelLike, NpcResponse, OptionsLike, Source
+from .say_options import DEFAULT, SayOptions, Timeout, check_say_options
 
 T = TypeVar("T")
+
+
+class _LoopThread:
+    """The background thread running the asyncio loop a ``Client``'s ``AsyncClient`` lives on.
+
+    The internal interface of the sync handles: ``run`` (block on a coroutine; interrupting the wait
+    cancels it, which cancels the request on the daemon) and ``schedule`` (its future). Not for game code.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run_loop, name="zyke-client", daemon=True)
+        self.thread.start()
+        self.closed = False
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def schedule(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if self.closed:
+            coro.close()
+            raise ZykeError("this client is closed")
+        if threading.current_thread() is self.thread:
+            coro.close()
+            raise RuntimeError("a Client method was called from the client's own loop thread "
+                               "(it would deadlock)")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = self.schedule(coro)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt while waiting: stop the work on the daemon too
+            raise
+
+    def stop(self, last: Coroutine[Any, Any, None], wait: float) -> None:
+        """Run ``last`` (closing the connection) for up to ``wait`` seconds, then stop the loop and its thread."""
+        try:
+            asyncio.run_coroutine_threadsafe(last, self.loop).result(wait)
+        except concurrent.futures.TimeoutError:
+            pass
+        finally:
+            self.closed = True
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+            if not self.thread.is_alive():
+                self.loop.close()
 
 
 class Client:
@@ -59,33 +112,8 @@ class Client:
         self._async = AsyncClient(url, token, game=game, timeout=timeout, connect_timeout=connect_timeout,
                                   reconnect_window=reconnect_window, autostart=autostart,
                                   autostart_timeout=autostart_timeout, client_name=client_name)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run_loop, name="zyke-client", daemon=True)
-        self._thread.start()
+        self._runner = _LoopThread()
         self._close_lock = threading.Lock()
-        self._closed = False
-
-    def _run_loop(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_forever()
-
-    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        if self._closed:
-            coro.close()
-            raise ZykeError("this client is closed")
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("a Client method was called from the client's own loop thread "
-                               "(it would deadlock)")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
-
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        future = self._submit(coro)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()  # e.g. KeyboardInterrupt while waiting: stop the work on the daemon too
-            raise
 
     # -- public surface
 
@@ -112,7 +140,7 @@ class Client:
 
     def connect(self) -> Welcome:
         """Connect now instead of on first use, to fail early (``DaemonNotRunning``, bad token...)."""
-        return self._call(self._async.connect())
+        return self._runner.run(self._async.connect())
 
     def npc(self, npc_id: str, persona: str, actions: ChoicesLike = ("none",),
             emotions: ChoicesLike = ("neutral",), *, name: str | None = None, adapter: str | None = None,
@@ -134,68 +162,45 @@ class Client:
         ``blocked_words`` extra words it never says (docs/SAFETY.md). ``record=True`` opts the NPC in to
         experience recording, which the daemon must have on too (docs/EXPERIENCE.md).
         """
-        anpc = self._call(self._async.npc(npc_id, persona, actions, emotions, name=name, adapter=adapter,
-                                          max_history=max_history, default_emotion=default_emotion,
-                                          default_action=default_action, options=options, priority=priority,
-                                          audience=audience, refusal_action=refusal_action,
-                                          blocked_words=blocked_words, record=record))
-        return Npc(self, anpc)
+        anpc = self._runner.run(self._async.npc(npc_id, persona, actions, emotions, name=name, adapter=adapter,
+                                                max_history=max_history, default_emotion=default_emotion,
+                                                default_action=default_action, options=options, priority=priority,
+                                                audience=audience, refusal_action=refusal_action,
+                                                blocked_words=blocked_words, record=record))
+        return Npc(self._runner, anpc)
 
     def define(self, spec: NpcSpec) -> Npc:
         """Define an NPC from a ready ``NpcSpec``."""
-        return Npc(self, self._call(self._async.define(spec)))
+        return Npc(self._runner, self._runner.run(self._async.define(spec)))
 
     def get_npc(self, npc_id: str) -> Npc:
         """A handle to an NPC the daemon already knows, without redefining it (``UnknownNpc`` if none)."""
-        return Npc(self, self._call(self._async.get_npc(npc_id)))
+        return Npc(self._runner, self._runner.run(self._async.get_npc(npc_id)))
 
     def adapters(self) -> list[AdapterInfo]:
         """The LoRA adapters the daemon can serve."""
-        return self._call(self._async.adapters())
+        return self._runner.run(self._async.adapters())
 
     def load_adapter(self, name: str) -> list[AdapterInfo]:
         """Load a registered adapter now rather than on its first line (avoids that line's load delay)."""
-        return self._call(self._async.load_adapter(name))
+        return self._runner.run(self._async.load_adapter(name))
 
     def unload_adapter(self, name: str) -> list[AdapterInfo]:
         """Free a loaded adapter; a later line that names it loads it again."""
-        return self._call(self._async.unload_adapter(name))
+        return self._runner.run(self._async.unload_adapter(name))
 
     def ping(self, timeout: Timeout = DEFAULT) -> None:
         """One round trip to the daemon; raises if it does not answer."""
-        self._call(self._async.ping(timeout))
-
-    def _bound(self, response: NpcResponse | None) -> NpcResponse | None:
-        """``response.rate(...)`` through this client: it blocks, as every call of the sync client does."""
-        if response is not None:
-            def rate(reply_id: str, reward: float, **kw: Any) -> None:
-                Npc(self, AsyncNpc(self._async, response.npc)).feedback(reply_id, reward, **kw)
-
-            response._bind(rate)
-        return response
-
-    async def _bound_async(self, say: Awaitable[NpcResponse]) -> NpcResponse:
-        response = await say
-        self._bound(response)
-        return response
+        self._runner.run(self._async.ping(timeout))
 
     def close(self) -> None:
         """Close the connection, stop an autostarted daemon and the background thread. Idempotent."""
         with self._close_lock:
-            if self._closed:
+            if self._runner.closed:
                 return
-            if threading.current_thread() is self._thread:
+            if threading.current_thread() is self._runner.thread:
                 raise RuntimeError("Client.close() called from the client's own loop thread")
-            try:
-                asyncio.run_coroutine_threadsafe(self._async.aclose(), self._loop).result(30)
-            except concurrent.futures.TimeoutError:
-                pass
-            finally:
-                self._closed = True
-                self._loop.call_soon_threadsafe(self._loop.stop)
-                self._thread.join(5)
-                if not self._thread.is_alive():
-                    self._loop.close()
+            self._runner.stop(self._async.aclose(), 30)
 
     def __enter__(self) -> Self:
         return self
@@ -206,7 +211,8 @@ class Client:
 
     def __del__(self) -> None:
         # A forgotten client must not leave an autostarted daemon running.
-        if not getattr(self, "_closed", True):
+        runner = getattr(self, "_runner", None)
+        if runner is not None and not runner.closed:
             with contextlib.suppress(Exception):
                 self.close()
 
@@ -214,8 +220,8 @@ class Client:
 class Npc:
     """A handle to one NPC defined through a ``Client``. Safe to use from several threads."""
 
-    def __init__(self, client: Client, anpc: AsyncNpc) -> None:
-        self._client = client
+    def __init__(self, runner: _LoopThread, anpc: AsyncNpc) -> None:
+        self._runner = runner
         self._async = anpc
         self.id = anpc.id
 
@@ -239,77 +245,57 @@ class Npc:
     def __repr__(self) -> str:
         return f"Npc({self.id!r})"
 
-    def say(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
-            adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
-            temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-            seed: int | None = None, stop: Sequence[str] | None = None,
-            repeat_penalty: float | None = None, no_repeat_ngram: int | None = None,
-            allowed_actions: Sequence[str] | None = None, priority: Priority | None = None,
-            deadline_ms: int | None = None) -> NpcResponse:
+    def say(self, text: str, **kwargs: Unpack[SayOptions]) -> NpcResponse:
         """Say a line and block until the whole reply is there.
 
-        ``state`` is the game state the NPC should know this turn. Generation options come as keywords
-        or an ``options`` object/dict (keywords win); ``adapter`` picks a LoRA adapter for this line.
-        ``allowed_actions`` narrows this line to some of the NPC's declared actions; a name it did not
-        declare raises ``UnknownAction`` (code ``unknown_action``, from the daemon).
-        When ``timeout`` expires the request is cancelled on the daemon and ``ZykeTimeout`` raised.
-        ``priority`` overrides the NPC's default for this line; ``deadline_ms`` drops it with ``Expired`` if it
-        has not started within that many milliseconds (docs/SCHEDULING.md).
+        The keywords (``state``, generation options, ``adapter``, ``timeout``, ``allowed_actions``,
+        ``priority``, ``deadline_ms``...) are ``zyke.say_options.SayOptions``'s, documented there; an
+        unknown one is a ``TypeError``. When ``timeout`` expires the request is cancelled on the daemon
+        and ``ZykeTimeout`` raised.
         """
-        return self._client._call(self._client._bound_async(self._async.say(
-            text, state=state, options=options, adapter=adapter, timeout=timeout, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions,
-            priority=priority, deadline_ms=deadline_ms)))
+        check_say_options(kwargs, "Npc.say")
+        return self._runner.run(self._rated(self._async.say(text, **kwargs)))
 
-    def submit(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
-               adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
-               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-               seed: int | None = None, stop: Sequence[str] | None = None, repeat_penalty: float | None = None,
-               no_repeat_ngram: int | None = None,
-               allowed_actions: Sequence[str] | None = None, priority: Priority | None = None,
-               deadline_ms: int | None = None) -> concurrent.futures.Future[NpcResponse]:
+    def submit(self, text: str, **kwargs: Unpack[SayOptions]) -> concurrent.futures.Future[NpcResponse]:
         """Like ``say`` but returns at once with a future, for a game loop that polls each frame.
 
         ``future.done()`` / ``future.result()`` as usual; ``future.cancel()`` cancels the line on the daemon.
+        The keywords are ``say``'s; an unknown one raises ``TypeError`` here, not in the future.
         """
-        return self._client._submit(self._client._bound_async(self._async.say(
-            text, state=state, options=options, adapter=adapter, timeout=timeout, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions,
-            priority=priority, deadline_ms=deadline_ms)))
+        check_say_options(kwargs, "Npc.submit")
+        return self._runner.schedule(self._rated(self._async.say(text, **kwargs)))
 
-    def stream(self, text: str, *, state: Mapping[str, Any] | None = None, options: OptionsLike = None,
-               adapter: str | None = None, timeout: Timeout = DEFAULT, max_tokens: int | None = None,
-               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-               seed: int | None = None, stop: Sequence[str] | None = None,
-               repeat_penalty: float | None = None, no_repeat_ngram: int | None = None,
-               allowed_actions: Sequence[str] | None = None, priority: Priority | None = None,
-               deadline_ms: int | None = None) -> ReplyStream:
+    def stream(self, text: str, **kwargs: Unpack[SayOptions]) -> ReplyStream:
         """Say a line and iterate over the reply's text as it is generated.
 
         The pieces concatenate to ``stream.response.say``; ``stream.response`` (emotion, action...) is
         set once the loop ends. Breaking out of the loop, ``close()`` or leaving a ``with`` block cancels
         an unfinished request on the daemon; ``cancel()`` makes the iteration raise ``Cancelled``.
+        The keywords are ``say``'s.
         """
-        astream = self._async.stream(
-            text, state=state, options=options, adapter=adapter, timeout=timeout, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            repeat_penalty=repeat_penalty, no_repeat_ngram=no_repeat_ngram, allowed_actions=allowed_actions,
-            priority=priority, deadline_ms=deadline_ms)
-        return ReplyStream(self._client, astream)
+        check_say_options(kwargs, "Npc.stream")
+        return ReplyStream(self._runner, self._async.stream(text, **kwargs), self._bind)
+
+    def _bind(self, response: NpcResponse | None) -> NpcResponse | None:
+        """``response.rate(...)`` through this handle: it blocks, as every call of the sync client does."""
+        return response._bind(self.feedback) if response is not None else None
+
+    async def _rated(self, say: Awaitable[NpcResponse]) -> NpcResponse:
+        response = await say
+        self._bind(response)
+        return response
 
     def save(self) -> dict[str, Any]:
         """The NPC's full state (definition and history) as a JSON-ready dict for a save file."""
-        return self._client._call(self._async.save())
+        return self._runner.run(self._async.save())
 
     def load(self, state: NpcState | Mapping[str, Any]) -> None:
         """Restore a state from ``save()``: its history and definition replace the current ones."""
-        self._client._call(self._async.load(state))
+        self._runner.run(self._async.load(state))
 
     def reset(self) -> None:
         """Forget the conversation history; the definition stays."""
-        self._client._call(self._async.reset())
+        self._runner.run(self._async.reset())
 
     def feedback(self, reply_id: str | NpcResponse, reward: float, *, label: LabelLike = None,
                  source: Source | None = None, note: str | None = None, timeout: Timeout = DEFAULT) -> None:
@@ -317,8 +303,8 @@ class Npc:
         response's ``request_id`` (or the response), ``reward`` in [-1, 1], ``label`` what would have been right
         (``{"action": "refuse"}``). Needs recording on for the daemon and this NPC (``record=True``); see
         ``AsyncNpc.feedback`` for the errors. ``response.rate(...)`` is the same call."""
-        self._client._call(self._async.feedback(reply_id, reward, label=label, source=source, note=note,
-                                                timeout=timeout))
+        self._runner.run(self._async.feedback(reply_id, reward, label=label, source=source, note=note,
+                                              timeout=timeout))
 
 
 class ReplyStream:
@@ -327,9 +313,11 @@ class ReplyStream:
     Use one stream from one thread at a time. ``text`` holds what arrived so far.
     """
 
-    def __init__(self, client: Client, astream: AsyncReplyStream) -> None:
-        self._client = client
+    def __init__(self, runner: _LoopThread, astream: AsyncReplyStream,
+                 bind: Callable[[NpcResponse | None], NpcResponse | None]) -> None:
+        self._runner = runner
         self._async = astream
+        self._bind = bind  # makes the final response's ``rate`` blocking
 
     @property
     def request_id(self) -> str:
@@ -342,7 +330,7 @@ class ReplyStream:
     @property
     def response(self) -> NpcResponse | None:
         """The final reply, once the iteration has ended."""
-        return self._client._bound(self._async.response)
+        return self._bind(self._async.response)
 
     @property
     def done(self) -> bool:
@@ -352,23 +340,23 @@ class ReplyStream:
         return self
 
     def __next__(self) -> str:
-        piece = self._client._call(self._async._next_piece())
+        piece = self._runner.run(_next_piece(self._async))
         if piece is None:
             raise StopIteration
         return piece
 
     def final(self) -> NpcResponse:
         """Consume what is left and return the whole reply."""
-        return self._client._call(self._client._bound_async(self._async.final()))
+        return self._runner.run(self._final())
 
     def cancel(self) -> None:
         """Stop the generation on the daemon; the next iteration raises ``Cancelled``."""
-        self._client._call(self._async.cancel())
+        self._runner.run(self._async.cancel())
 
     def close(self) -> None:
         """Abandon the stream; an unfinished request is cancelled on the daemon."""
-        if not self._async.done and not self._client._closed:
-            self._client._call(self._async.aclose())
+        if not self._async.done and not self._runner.closed:
+            self._runner.run(self._async.aclose())
 
     def __enter__(self) -> Self:
         return self
@@ -377,9 +365,25 @@ class ReplyStream:
                  tb: TracebackType | None) -> None:
         self.close()
 
+    async def _final(self) -> NpcResponse:
+        response = await self._async.final()
+        self._bind(response)
+        return response
+
     def __del__(self) -> None:
         # ``for piece in npc.stream(...): break`` drops the last reference here: cancel without blocking.
         astream = getattr(self, "_async", None)
-        if astream is not None and not astream.done and not self._client._closed:
+        if astream is not None and not astream.done and not self._runner.closed:
             with contextlib.suppress(Exception):
-                self._client._loop.call_soon_threadsafe(astream._abandon)
+                self._runner.schedule(astream.aclose()).add_done_callback(_ignore)
+
+
+async def _next_piece(astream: AsyncReplyStream) -> str | None:
+    """The stream's next piece of text, or None at its end."""
+    return await anext(astream, None)
+
+
+def _ignore(future: concurrent.futures.Future[None]) -> None:
+    """Retrieve a background close's outcome (nothing to report from a finalizer)."""
+    if not future.cancelled():
+        future.exception()

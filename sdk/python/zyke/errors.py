@@ -2,8 +2,32 @@
 
 Game code should be able to tell "the daemon is not there" (show a hint, maybe fall back to canned
 lines) from "the player's line took too long" (retry later) from "the NPC definition is wrong" (a bug
-to fix), without parsing messages. Everything the SDK raises on purpose derives from ``ZykeError``;
-errors the daemon reports carry its stable ``code`` (see ``zyke.protocol.ErrorCode``).
+to fix), without parsing messages. Everything the SDK raises on purpose derives from ``ZykeError``.
+Every error raised for a daemon's error frame carries its stable ``code`` (a ``zyke.protocol.ErrorCode``;
+a plain string for a code newer than this SDK), with ``message``, ``request_id`` and ``details``::
+
+    ZykeError                     anything the SDK raises on purpose
+    ├── DaemonNotRunning          nothing answers at the URL (also a ConnectionError)
+    ├── ConnectionLost            the connection dropped with the request in flight (also a ConnectionError)
+    ├── ZykeTimeout               no answer in time, client's timeout or daemon's ``timeout`` (also a TimeoutError)
+    └── ProtocolError             any other daemon error (``code``), or a frame the SDK could not read
+        ├── AuthenticationError   ``unauthorized``, ``not_authenticated``
+        ├── Cancelled             ``cancelled``
+        ├── UnknownNpc            ``unknown_npc``
+        ├── UnknownAdapter        ``unknown_adapter``
+        ├── UnknownAction         ``unknown_action``
+        ├── AdapterRejected       ``adapter_rejected``
+        ├── QueueFull             ``queue_full``
+        ├── Expired               ``expired``
+        ├── UnknownReply          ``unknown_reply``
+        ├── NotRecording          ``not_recording``
+        │   └── ExperienceFull    ``experience_full``
+        ├── BadLabel              ``bad_label``
+        └── GenerationFailed      ``generation_failed``, ``model_error``
+
+``ZykeTimeout`` is not a ``ProtocolError``: a timeout is the one error game code retries, and the client's
+own timeout is no protocol error at all. It has the same ``code`` / ``message`` / ``request_id`` /
+``details`` attributes (from the ``_ErrorFields`` mixin the two share), so code reading them keeps working.
 """
 
 from __future__ import annotations
@@ -31,13 +55,8 @@ class ConnectionLost(ZykeError, ConnectionError):
     """
 
 
-class ProtocolError(ZykeError):
-    """The daemon answered a request with an error frame.
-
-    ``code`` is the daemon's stable error code (a ``zyke.protocol.ErrorCode`` value, or ``None`` when
-    the error was detected client-side), ``message`` its human explanation, ``request_id`` the id of
-    the request it answers and ``details`` any extra data the daemon attached.
-    """
+class _ErrorFields(ZykeError):
+    """The attributes of an error tied to a request: ``code``, ``message``, ``request_id``, ``details``."""
 
     def __init__(self, message: str, code: str | None = None, request_id: str | None = None,
                  details: dict[str, Any] | None = None) -> None:
@@ -54,13 +73,23 @@ class ProtocolError(ZykeError):
         return (type(self), (self.message, self.code, self.request_id, self.details))
 
 
+class ZykeTimeout(_ErrorFields, TimeoutError):
+    """No answer in time: the client's own timeout (the request is then cancelled on the daemon)
+    or the daemon's (its error frame's code ``timeout``). Also a builtin ``TimeoutError``; not a
+    ``ProtocolError``. ``code`` is ``"timeout"`` either way and ``request_id`` the request's id."""
+
+
+class ProtocolError(_ErrorFields):
+    """The daemon answered a request with an error frame (or sent one the SDK could not read).
+
+    ``code`` is the daemon's stable error code (a ``zyke.protocol.ErrorCode`` value, or ``None`` when
+    the error was detected client-side), ``message`` its human explanation, ``request_id`` the id of
+    the request it answers and ``details`` any extra data the daemon attached.
+    """
+
+
 class AuthenticationError(ProtocolError):
     """The daemon refused the token (codes ``unauthorized`` / ``not_authenticated``)."""
-
-
-class ZykeTimeout(ProtocolError, TimeoutError):
-    """No answer in time: the client's own timeout (the request is then cancelled on the daemon)
-    or the daemon's (code ``timeout``). Also a builtin ``TimeoutError``."""
 
 
 class Cancelled(ProtocolError):
@@ -120,7 +149,10 @@ class GenerationFailed(ProtocolError):
     """The model failed to produce a valid reply (codes ``generation_failed`` / ``model_error``)."""
 
 
-_BY_CODE: dict[str, type[ProtocolError]] = {
+#: The error a daemon's error frame raises: a ``ZykeTimeout`` or a ``ProtocolError``, always with the frame's code.
+CodedError = ProtocolError | ZykeTimeout
+
+_BY_CODE: dict[str, type[ProtocolError] | type[ZykeTimeout]] = {
     ErrorCode.UNAUTHORIZED: AuthenticationError,
     ErrorCode.NOT_AUTHENTICATED: AuthenticationError,
     ErrorCode.TIMEOUT: ZykeTimeout,
@@ -138,9 +170,12 @@ _BY_CODE: dict[str, type[ProtocolError]] = {
     ErrorCode.EXPERIENCE_FULL: ExperienceFull,
     ErrorCode.BAD_LABEL: BadLabel,
 }
+_KNOWN_CODES = frozenset(ErrorCode)
 
 
 def error_for_code(code: str, message: str, request_id: str | None = None,
-                   details: dict[str, Any] | None = None) -> ProtocolError:
-    """The typed exception for a daemon error code (``ProtocolError`` itself for the rest)."""
-    return _BY_CODE.get(code, ProtocolError)(message, code=code, request_id=request_id, details=details)
+                   details: dict[str, Any] | None = None) -> CodedError:
+    """The typed exception for a daemon error code (``ProtocolError`` itself for the rest), carrying the code:
+    an ``ErrorCode`` member when this SDK knows it, else the string as sent (codes are an open set)."""
+    known: str = ErrorCode(code) if code in _KNOWN_CODES else code
+    return _BY_CODE.get(code, ProtocolError)(message, code=known, request_id=request_id, details=details)
