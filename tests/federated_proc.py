@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import save, save_file
+from zyke_daemon.embedded import sha256_file
 
 TOKENS = ("worker-token-a", "worker-token-b")
 #: (out, in) of q_proj and v_proj in the fake base: small, so tests build deltas by hand in microseconds.
@@ -63,6 +64,35 @@ def write_data(path: Path, n: int = 12) -> Path:
     return path
 
 
+def write_blocks(path: Path, shards: tuple[int, ...] = (3, 4), block_size: int = 16, vocab_size: int = 1000,
+                 eos_token_id: int = 1, seed: int = 0) -> Path:
+    """A ``zyke-train blocks`` folder written the way ``make_blocks`` writes one (int32 ``input_ids`` shards, a
+    manifest with every shard's sha256 and first global block index), from seeded random ids instead of a corpus:
+    no tokenizer run, and each block is distinct, so a test can tell exactly which rows were read."""
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    entries: list[dict[str, Any]] = []
+    for n, count in enumerate(shards):
+        name = f"blocks-{n:05d}.safetensors"
+        ids = rng.integers(2, min(vocab_size, 5000), size=(count, block_size)).astype(np.int32)
+        save_file({"input_ids": ids}, str(path / name), metadata={"block_size": str(block_size), "tokenizer": "test"})
+        entries.append({"file": name, "blocks": count, "first_block": sum(e["blocks"] for e in entries),
+                        "sha256": sha256_file(path / name)})
+    manifest = {"tokenizer": "test", "vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": eos_token_id,
+                "block_size": block_size, "steps_per_block": 1, "env_id": None, "npc_type": None, "dtype": "int32",
+                "tensor": "input_ids", "blocks": sum(shards), "shards": entries}
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def all_blocks(path: Path) -> np.ndarray:
+    """Every block of a folder in global index order, read straight from the shards (the test's ground truth)."""
+    from safetensors.numpy import load_file
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    return np.concatenate([load_file(str(path / s["file"]))["input_ids"] for s in manifest["shards"]])
+
+
 def b_shapes(layers: int = 2, rank: int = 4) -> dict[str, tuple[int, int]]:
     return {f"base_model.model.model.layers.{i}.self_attn.{m}.lora_B.weight": (shape[0], rank)
             for i in range(layers) for m, shape in FAKE_SHAPES.items()}
@@ -83,7 +113,7 @@ GOOD_METRICS = {"train_loss_mean": 1.5, "train_loss_last": 1.2, "grad_norm_mean"
 class TrainerProcess:
     home: Path
     base: Path
-    data: Path
+    data: Path | None
     args: list[str] = field(default_factory=list)
     env_extra: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
@@ -112,7 +142,8 @@ class TrainerProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "zyke_train", "trainer", "serve", "--port", str(self.port or 0),
                  "--port-file", str(port_file), "--checkpoint-dir", str(self.home / "ckpt"), "--base", str(self.base),
-                 "--data", str(self.data), *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                 *(["--data", str(self.data)] if self.data is not None else []), *self.args], env=self.env,
+                stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -15,8 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from federated_proc import TOKENS, TrainerProcess, fake_base, make_delta, write_data
+from federated_proc import (
+    GOOD_METRICS,
+    TOKENS,
+    TrainerProcess,
+    all_blocks,
+    fake_base,
+    make_delta,
+    write_blocks,
+    write_data,
+)
 from safetensors.numpy import load, save
+from zyke_daemon.embedded import sha256_file
+from zyke_train.blocks import BlocksError, read_blocks_by_ref
+from zyke_train.federated.server import Trainer, TrainerConfig
+from zyke_train.federated.validate import Rejected
+from zyke_train.federated.worker import BlocksUnavailable, task_block_rows
 
 
 @pytest.fixture
@@ -178,3 +192,134 @@ def test_torn_journal_tail_is_dropped(trainer_factory) -> None:  # type: ignore[
         fh.write(b'{"event": "accept", "task_id": "half-writ')  # a kill in the middle of a journal write
     t.start()
     assert (t.get("/status")[1]["pending"], t.get("/status")[1]["accepted_total"]) == (1, 1)
+
+
+# -- blocks by reference
+
+
+def _trainer(tmp_path: Path, blocks: Path | None, data: Path | None = None, **settings: object) -> Trainer:
+    """A Trainer called directly (no HTTP): task building and the sample cap are plain methods."""
+    config = TrainerConfig(checkpoint_dir=tmp_path / "ckpt", base=fake_base(tmp_path / "base"), data=data,
+                           tokens=list(TOKENS), blocks=blocks, **settings)  # type: ignore[arg-type]
+    return Trainer(config)
+
+
+def _indices(task: dict) -> list[int]:  # type: ignore[type-arg]
+    return [i for r in task["blocks"]["refs"] for i in r["indices"]]
+
+
+def test_block_tasks_name_exactly_the_expected_indices(tmp_path: Path) -> None:
+    blocks = write_blocks(tmp_path / "blocks", shards=(3, 4))
+    trainer = _trainer(tmp_path, blocks, blocks_per_task=3)
+    worker = trainer.worker_of(f"Bearer {TOKENS[0]}")
+    manifest = json.loads((blocks / "manifest.json").read_text())
+    sha = {s["file"]: s["sha256"] for s in manifest["shards"]}
+    tasks = [trainer.new_task(worker).model_dump() for _ in range(3)]
+    assert [_indices(t) for t in tasks] == [[0, 1, 2], [3, 4, 5], [6, 0, 1]]  # slices wrap like the examples'
+    assert [[r["shard"] for r in t["blocks"]["refs"]] for t in tasks] == [
+        ["blocks-00000.safetensors"], ["blocks-00001.safetensors"],
+        ["blocks-00001.safetensors", "blocks-00000.safetensors"]]
+    for task in tasks:
+        assert task["examples"] == []
+        assert task["blocks"]["manifest_sha256"] == sha256_file(blocks / "manifest.json")
+        assert task["blocks"]["block_size"] == 16
+        assert all(r["sha256"] == sha[r["shard"]] for r in task["blocks"]["refs"])
+        rows = read_blocks_by_ref(blocks, task["blocks"]["refs"], task["blocks"]["manifest_sha256"])
+        np.testing.assert_array_equal(rows, all_blocks(blocks)[_indices(task)])
+    # the id binds the slice: the same id cannot be pointed at other blocks
+    version, key, nonce, sig = tasks[0]["task_id"].split("-")
+    assert key == "b0"
+    with pytest.raises(Rejected) as err:
+        trainer.parse_task(f"{version}-b3-{nonce}-{sig}", worker)
+    assert err.value.reason.value == "unknown_task"
+    # n_k is capped by the blocks the task held
+    with pytest.raises(Rejected) as err:
+        trainer.submit(worker, tasks[0]["task_id"], 0, {**GOOD_METRICS, "num_samples": 4}, save(make_delta(0)))
+    assert err.value.reason.value == "bad_metrics"
+    verdict = trainer.submit(worker, tasks[0]["task_id"], 0, {**GOOD_METRICS, "num_samples": 3}, save(make_delta(0)))
+    assert verdict.status == "accepted"
+
+
+def test_examples_and_blocks_together_and_a_trainer_that_refuses_bad_blocks(tmp_path: Path) -> None:
+    blocks = write_blocks(tmp_path / "blocks", shards=(2,))
+    trainer = _trainer(tmp_path, blocks, data=write_data(tmp_path / "data.jsonl"), examples_per_task=4,
+                       blocks_per_task=5)
+    worker = trainer.worker_of(f"Bearer {TOKENS[0]}")
+    task = trainer.new_task(worker).model_dump()
+    assert len(task["examples"]) == 4 and _indices(task) == [0, 1]  # only 2 blocks exist: no block twice
+    assert trainer.parse_task(task["task_id"], worker) == (0, 6)
+    legacy = _trainer(tmp_path / "legacy", None, data=write_data(tmp_path / "data.jsonl"), examples_per_task=4)
+    old = legacy.new_task(worker).model_dump()
+    assert old["blocks"] is None and old["task_id"].split("-")[1] == "0"  # the pre-blocks id format
+    assert legacy.parse_task(old["task_id"], worker) == (0, 4)
+    raw = bytearray((blocks / "blocks-00000.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (blocks / "blocks-00000.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        _trainer(tmp_path / "again", blocks)
+    with pytest.raises(ValueError, match="--data"):
+        _trainer(tmp_path / "none", None)
+
+
+class _Vocab:
+    """What the block reader asks of a tokenizer (its size and EOS id), without loading one."""
+
+    eos_token_id = 1
+
+    def __len__(self) -> int:
+        return 1000
+
+
+def test_tampered_missing_or_foreign_blocks_are_refused_with_a_typed_error(tmp_path: Path) -> None:
+    blocks = write_blocks(tmp_path / "blocks", shards=(3, 4))
+    trainer = _trainer(tmp_path, blocks, blocks_per_task=3)
+    task = trainer.new_task(trainer.worker_of(f"Bearer {TOKENS[0]}")).model_dump()  # blocks 0..2, shard 0
+    ids, rows = task_block_rows(task, blocks, _Vocab())
+    assert ids == [f"blocks-00000.safetensors:{i}" for i in range(3)]
+    np.testing.assert_array_equal(rows, all_blocks(blocks)[:3])
+
+    def copy(name: str) -> Path:
+        import shutil
+
+        return Path(shutil.copytree(blocks, tmp_path / name))
+
+    tampered = copy("tampered")
+    raw = bytearray((tampered / "blocks-00000.safetensors").read_bytes())
+    raw[-3] ^= 0x01  # one token id changed, file still valid safetensors
+    (tampered / "blocks-00000.safetensors").write_bytes(bytes(raw))
+    missing = copy("missing")
+    (missing / "blocks-00000.safetensors").unlink()
+    foreign = write_blocks(tmp_path / "foreign", shards=(3, 4), seed=1)  # same layout, other tokens
+    cases = {tampered: "does not match the sha256", missing: "is missing", foreign: "manifest the task names",
+             tmp_path / "nowhere": "not a blocks folder"}
+    for folder, message in cases.items():
+        with pytest.raises(BlocksUnavailable, match=message):
+            task_block_rows(task, folder, _Vocab())
+        with pytest.raises(BlocksError):
+            read_blocks_by_ref(folder, task["blocks"]["refs"], task["blocks"]["manifest_sha256"])
+    with pytest.raises(BlocksUnavailable, match="--blocks-dir"):
+        task_block_rows(task, None, _Vocab())
+    forged = {**task["blocks"], "refs": [{**task["blocks"]["refs"][0], "indices": [3]}]}  # block 3 is in shard 1
+    with pytest.raises(BlocksUnavailable, match=r"holds blocks 0\.\.2"):
+        task_block_rows({**task, "blocks": forged}, blocks, _Vocab())
+
+
+def test_a_blocks_only_trainer_over_http(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from zyke_train.cli import main
+
+    result = CliRunner().invoke(main, ["trainer", "serve", "--checkpoint-dir", str(tmp_path / "x"), "--base",
+                                       str(fake_base(tmp_path / "base")), "--token", "t"])
+    assert result.exit_code == 2 and "--blocks" in result.output
+    blocks = write_blocks(tmp_path / "blocks", shards=(3, 4))
+    t = TrainerProcess(tmp_path / "home", fake_base(tmp_path / "base"), None,
+                       args=["--blocks", str(blocks), "--blocks-per-task", "2"]).start()
+    try:
+        status, task = t.get("/get_task")
+        assert status == 200 and task["examples"] == [] and _indices(task) == [0, 1]
+        assert t.get("/get_task")[1]["blocks"]["refs"][0]["indices"] == [2]
+        assert t.submit(task, make_delta(0), num_samples=3)[1]["reason"] == "bad_metrics"
+        assert t.submit(task, make_delta(0), num_samples=2)[1]["status"] == "accepted"
+        assert "TaskBlocks" in json.dumps(t.get("/openapi.json")[1]["components"])
+    finally:
+        t.stop(signal.SIGKILL)

@@ -176,6 +176,52 @@ def make_blocks(prepared: Path, out: Path, tokenizer: str | None = None, block_s
     return manifest
 
 
+def read_manifest(path: Path, vocab_size: int | None = None, eos_token_id: int | None = None) -> dict[str, Any]:
+    """A blocks folder's parsed ``manifest.json``, its shard entries checked for the fields every reader relies on.
+
+    With ``vocab_size``/``eos_token_id`` the blocks must come from a tokenizer with that vocabulary and EOS:
+    a mismatch raises, because ids from another tokenizer are valid integers that mean something else."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BlocksError(f"{path} has no {MANIFEST}: not a zyke-train blocks folder")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest["shards"] = [{**s, "file": str(s["file"]), "sha256": str(s["sha256"]),
+                               "first_block": int(s["first_block"]), "blocks": int(s.get("blocks", 0))}
+                              for s in manifest["shards"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BlocksError(f"{manifest_path}: not a blocks manifest ({exc})") from exc
+    if vocab_size is not None and manifest.get("vocab_size") != vocab_size:
+        raise BlocksError(f"{path}: blocks were tokenized with {manifest.get('tokenizer')} "
+                          f"(vocabulary {manifest.get('vocab_size')}), this model's has {vocab_size}")
+    if eos_token_id is not None and manifest.get("eos_token_id") not in (None, eos_token_id):
+        raise BlocksError(f"{path}: blocks use EOS id {manifest.get('eos_token_id')}, this tokenizer "
+                          f"{eos_token_id}")
+    return manifest
+
+
+def _load_shard(file: Path, sha: str | None, vocab_size: int | None) -> np.ndarray:
+    """One shard's ``input_ids`` after its sha256 (when known) and shape, dtype and id range are checked: the one
+    place a shard's bytes are trusted, for whole-folder and by-reference reads alike."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not file.is_file():
+        raise BlocksError(f"block shard {file} is missing")
+    if sha is not None and sha256_file(file) != sha:
+        raise BlocksError(f"block shard {file} does not match the sha256 in its manifest")
+    try:
+        array = load_file(str(file))[TENSOR]
+    except (SafetensorError, KeyError, OSError) as exc:
+        raise BlocksError(f"{file}: not a block shard ({exc})") from exc
+    if array.ndim != 2 or array.dtype != np.int32:
+        raise BlocksError(f"{file}: {TENSOR} must be int32 [blocks, block_size], got {array.dtype} "
+                          f"{list(array.shape)}")
+    if vocab_size is not None and array.size and (array.min() < 0 or array.max() >= vocab_size):
+        raise BlocksError(f"{file}: token ids outside this model's vocabulary of {vocab_size}")
+    return array
+
+
 def read_block_shards(path: Path, vocab_size: int | None = None, eos_token_id: int | None = None
                       ) -> list[tuple[str, int, np.ndarray]]:
     """``(shard name, first global block index, int32 [n, block_size] array)`` for a blocks folder (every
@@ -183,40 +229,66 @@ def read_block_shards(path: Path, vocab_size: int | None = None, eos_token_id: i
 
     With ``vocab_size``/``eos_token_id`` the blocks must come from a tokenizer with that vocabulary and EOS:
     a mismatch raises, because ids from another tokenizer are valid integers that mean something else."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     if path.is_dir():
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise BlocksError(f"{path} has no {MANIFEST}: not a zyke-train blocks folder")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            entries = [(path / s["file"], s["sha256"], int(s["first_block"])) for s in manifest["shards"]]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise BlocksError(f"{manifest_path}: not a blocks manifest ({exc})") from exc
-        if vocab_size is not None and manifest.get("vocab_size") != vocab_size:
-            raise BlocksError(f"{path}: blocks were tokenized with {manifest.get('tokenizer')} "
-                              f"(vocabulary {manifest.get('vocab_size')}), this model's has {vocab_size}")
-        if eos_token_id is not None and manifest.get("eos_token_id") not in (None, eos_token_id):
-            raise BlocksError(f"{path}: blocks use EOS id {manifest.get('eos_token_id')}, this tokenizer "
-                              f"{eos_token_id}")
+        manifest = read_manifest(path, vocab_size, eos_token_id)
+        entries: list[tuple[Path, str | None, int]] = [(path / s["file"], s["sha256"], int(s["first_block"]))
+                                                       for s in manifest["shards"]]
     else:
         entries = [(path, None, 0)]
-    out = []
-    for file, sha, first in entries:
-        if not file.is_file():
-            raise BlocksError(f"block shard {file} is missing")
-        if sha is not None and sha256_file(file) != sha:
-            raise BlocksError(f"block shard {file} does not match the sha256 in its manifest")
+    return [(file.name, first, _load_shard(file, sha, vocab_size)) for file, sha, first in entries]
+
+
+def block_refs(manifest: dict[str, Any], indices: list[int]) -> list[dict[str, Any]]:
+    """Global block ``indices`` as by-reference task entries ``{shard, sha256, indices}``, one per shard touched,
+    in the order the indices first reach it. What a shared trainer puts in a task instead of the tokens: a
+    worker holding the same folder can find, and prove it has, exactly these blocks."""
+    refs: dict[str, dict[str, Any]] = {}
+    for index in indices:
+        shard = next((s for s in manifest["shards"]
+                      if int(s["first_block"]) <= index < int(s["first_block"]) + int(s["blocks"])), None)
+        if shard is None:
+            raise BlocksError(f"block {index} is outside the manifest's {manifest.get('blocks')} blocks")
+        ref = refs.setdefault(shard["file"], {"shard": shard["file"], "sha256": shard["sha256"], "indices": []})
+        ref["indices"].append(int(index))
+    return list(refs.values())
+
+
+def read_blocks_by_ref(path: Path, refs: list[dict[str, Any]], manifest_sha256: str | None = None,
+                       vocab_size: int | None = None, eos_token_id: int | None = None) -> np.ndarray:
+    """Exactly the referenced rows (``[sum of len(indices), block_size]`` int32, in ``refs`` order) of a local blocks
+    folder, after checking that its ``manifest.json`` hashes to ``manifest_sha256``, that each referenced shard is
+    in that manifest with the ``sha256`` the reference names, that the file on disk still has it, and that every
+    index falls inside its shard. Any difference raises ``BlocksError``: a worker must train on the blocks it was
+    handed or on nothing, never on whatever its copy happens to hold under that name."""
+    if not path.is_dir():
+        raise BlocksError(f"{path} is not a blocks folder")
+    if manifest_sha256 is not None and (path / MANIFEST).is_file() and sha256_file(path / MANIFEST) != manifest_sha256:
+        raise BlocksError(f"{path / MANIFEST} is not the manifest the task names (sha256 differs): this is another "
+                          "blocks folder or another version of it")
+    manifest = read_manifest(path, vocab_size, eos_token_id)
+    shards = {s["file"]: s for s in manifest["shards"]}
+    block_size = int(manifest.get("block_size", 0))
+    rows: list[np.ndarray] = []
+    for ref in refs:
         try:
-            array = load_file(str(file))[TENSOR]
-        except (SafetensorError, KeyError, OSError) as exc:
-            raise BlocksError(f"{file}: not a block shard ({exc})") from exc
-        if array.ndim != 2 or array.dtype != np.int32:
-            raise BlocksError(f"{file}: {TENSOR} must be int32 [blocks, block_size], got {array.dtype} "
-                              f"{list(array.shape)}")
-        if vocab_size is not None and array.size and (array.min() < 0 or array.max() >= vocab_size):
-            raise BlocksError(f"{file}: token ids outside this model's vocabulary of {vocab_size}")
-        out.append((file.name, first, array))
-    return out
+            name, sha, indices = str(ref["shard"]), str(ref["sha256"]), [int(i) for i in ref["indices"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BlocksError(f"not a block reference: {ref!r} ({exc})") from exc
+        entry = shards.get(name)
+        if entry is None or Path(name).name != name:
+            raise BlocksError(f"block shard {name!r} is not in {path / MANIFEST}")
+        if entry["sha256"] != sha:
+            raise BlocksError(f"block shard {name}: the task names sha256 {sha[:12]}…, {path / MANIFEST} "
+                              f"{str(entry['sha256'])[:12]}…")
+        first, count = int(entry["first_block"]), int(entry["blocks"])
+        outside = [i for i in indices if not first <= i < first + count]
+        if outside:
+            raise BlocksError(f"block shard {name} holds blocks {first}..{first + count - 1}, not {outside[:5]}")
+        array = _load_shard(path / name, sha, vocab_size)
+        if array.shape[0] != count or (block_size and array.shape[1] != block_size):
+            raise BlocksError(f"block shard {name}: shape {list(array.shape)} is not the manifest's "
+                              f"[{count}, {block_size}]")
+        rows.append(array[[i - first for i in indices]])
+    if not rows:
+        return np.zeros((0, block_size), np.int32)
+    return np.concatenate(rows, axis=0)

@@ -502,9 +502,11 @@ def trainer_group() -> None:
               help="Checkpoints, accepted updates and the round journal.")
 @click.option("--base", envvar="TRAINER_BASE", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Base transformers checkpoint (default: the embedded model's).")
-@click.option("--data", required=True, envvar="TRAINER_DATA",
-              type=click.Path(dir_okay=False, exists=True, path_type=Path),
+@click.option("--data", envvar="TRAINER_DATA", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="JSONL of NPC rows or rendered {prompt, completion} examples handed out in tasks.")
+@click.option("--blocks", envvar="TRAINER_BLOCKS", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="A zyke-train blocks folder: tasks name its blocks by reference (workers need a copy, "
+                   "contribute --blocks-dir). With --data too, each task carries a slice of both.")
 @click.option("--token", "tokens", multiple=True, envvar="TRAINER_TOKENS",
               help="A worker token (repeat; the env var takes them space-separated).")
 @click.option("--num-tasks-per-round", default=2, show_default=True, envvar="NUM_TASKS_PER_ROUND",
@@ -525,6 +527,7 @@ def trainer_group() -> None:
 @click.option("--target-modules", default="q_proj,v_proj", show_default=True, envvar="TARGET_MODULES")
 @click.option("--seed", default=0, show_default=True, envvar="SEED", help="Seed of the frozen LoRA A matrices.")
 @click.option("--examples-per-task", default=8, show_default=True, envvar="EXAMPLES_PER_TASK", type=click.IntRange(1))
+@click.option("--blocks-per-task", default=4, show_default=True, envvar="BLOCKS_PER_TASK", type=click.IntRange(1))
 @click.option("--local-steps", default=2, show_default=True, envvar="LOCAL_STEPS", type=click.IntRange(1))
 @click.option("--lr", default=1e-3, show_default=True, envvar="LOCAL_LR", type=float)
 @click.option("--max-seq-len", default=256, show_default=True, envvar="MAX_SEQ_LEN", type=click.IntRange(8))
@@ -540,6 +543,8 @@ def trainer_serve_cmd(host: str, port: int, port_file: Path | None, base: Path |
 
     from .federated.server import TrainerConfig, create_app
 
+    if settings.get("data") is None and settings.get("blocks") is None:
+        raise click.UsageError("give --data (examples), --blocks (a zyke-train blocks folder) or both")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if base is None:
         from zyke_daemon.hf_checkpoint import embedded_hf_checkpoint
@@ -568,12 +573,15 @@ def trainer_serve_cmd(host: str, port: int, port_file: Path | None, base: Path |
 @click.option("--token", envvar="ZYKE_TRAINER_TOKEN", help="Worker token from the trainer's operator.")
 @click.option("--base", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Local copy of the trainer's base checkpoint (default: the embedded model's).")
-def contribute_cmd(trainer_url: str, num_tasks: int, token: str | None, base: Path | None) -> None:
+@click.option("--blocks-dir", envvar="ZYKE_TRAINER_BLOCKS_DIR", type=click.Path(file_okay=False, path_type=Path),
+              help="Local copy of the trainer's blocks folder, for tasks that name blocks by reference.")
+def contribute_cmd(trainer_url: str, num_tasks: int, token: str | None, base: Path | None,
+                   blocks_dir: Path | None) -> None:
     """Train tasks from a shared trainer locally and send back the updates (FFA-LoRA ΔB)."""
     from .federated.worker import ContributeError, contribute
 
     try:
-        outcomes = contribute(trainer_url, token, num_tasks, base, on_event=click.echo)
+        outcomes = contribute(trainer_url, token, num_tasks, base, on_event=click.echo, blocks_dir=blocks_dir)
     except ContributeError as exc:
         raise click.ClickException(str(exc)) from exc
     done = sum(o.status in ("accepted", "duplicate") for o in outcomes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,12 +146,19 @@ def load_block_items(path: Path, tokenizer: Any, max_length: int) -> list[Tokeni
         shards = read_block_shards(path, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     except BlocksError as exc:
         raise TrainError(str(exc)) from exc
+    return block_items(((f"{name}:{first + row}", array[row]) for name, first, array in shards
+                        for row in range(array.shape[0])), max_length)
+
+
+def block_items(rows: Iterable[tuple[str, Sequence[int]]], max_length: int) -> list[Tokenized]:
+    """``(id, block)`` rows as full-sequence loss windows (ids ``ID`` or ``ID#i`` when a block needs several):
+    the one way a block becomes training items, for a local ``--data BLOCKS_DIR`` run and for a shared trainer's
+    task that names blocks by reference alike."""
     out: list[Tokenized] = []
-    for name, first, array in shards:
-        for row in range(array.shape[0]):
-            windows = sequence_windows(array[row].tolist(), max_length)
-            out.extend(Tokenized(f"{name}:{first + row}" + (f"#{i}" if len(windows) > 1 else ""), p, c)
-                       for i, (p, c) in enumerate(windows))
+    for block_id, block in rows:
+        windows = sequence_windows(block.tolist() if hasattr(block, "tolist") else list(block), max_length)
+        out.extend(Tokenized(block_id + (f"#{i}" if len(windows) > 1 else ""), p, c)
+                   for i, (p, c) in enumerate(windows))
     return out
 
 

@@ -5,13 +5,20 @@ FastAPI + uvicorn rather than a home-made server: request parsing, an OpenAPI de
 live in ``validate``, maths in ``aggregate``, durability in ``store``; this module authenticates, caps and
 reads bodies, serialises state changes under one lock, and runs the round ticker.
 
-Endpoints: ``GET /get_task`` (a signed task: version, LoRA and training settings, the examples to train on),
+Endpoints: ``GET /get_task`` (a signed task: version, LoRA and training settings, the examples to train on
+and/or references to ``zyke-train blocks`` blocks the worker holds a copy of),
 ``GET /get_lora_weights`` (the live adapter as safetensors: frozen A + current B), ``POST /submit_update``
 (a ΔB as a safetensors body, metrics as query parameters), ``GET /status``, ``GET /health``,
 ``GET /metrics`` (Prometheus text).
 
 Task ids are signed (HMAC with a secret kept in ``CHECKPOINT_DIR``) over version, data slice, a nonce and the
-worker, so issuing a task costs no disk write and a task cannot be forged or used by another worker.
+worker (and, for block tasks, the blocks manifest's sha256 and the slice length), so issuing a task costs no disk
+write, a task cannot be forged or used by another worker, and the trainer can tell from the id alone what the task
+held (the cap on the sample count a worker may report).
+
+Blocks go out by reference, not by value: a block task names the manifest's sha256 and, per shard, the shard's
+sha256 and the global block indices to train on. The worker reads them from its own copy of the folder (and
+refuses the task if its copy differs), so a task stays a few hundred bytes however large the blocks are.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 import struct
 import threading
@@ -38,10 +46,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from ..blocks import MANIFEST, BlocksError, block_refs, read_manifest
 from . import aggregate
 from .store import AcceptRecord, RoundStore
 from .validate import Reason, Rejected, check_delta, check_metrics, check_staleness, parse_safetensors
@@ -51,6 +60,8 @@ log = logging.getLogger(__name__)
 #: HTTP status per rejection reason: auth 401/403, unknown task 404, stale 409, size 413, the rest 400.
 STATUS = {Reason.MISSING_TOKEN: 401, Reason.UNKNOWN_TOKEN: 403, Reason.UNKNOWN_TASK: 404, Reason.STALE: 409,
           Reason.TOO_LARGE: 413, Reason.DUPLICATE: 200}
+#: The data-slice field of a task id: the examples' start (the pre-blocks format), ``b`` + the blocks' start, or both.
+SLICE = re.compile(r"(?P<examples>\d{1,9})?(?:b(?P<blocks>\d{1,9}))?")
 
 
 @dataclass
@@ -59,8 +70,11 @@ class TrainerConfig:
 
     checkpoint_dir: Path
     base: Path
-    data: Path
+    #: JSONL of NPC rows or rendered examples, handed out inline; None when tasks carry blocks only.
+    data: Path | None
     tokens: list[str]
+    #: A ``zyke-train blocks`` folder whose blocks are handed out by reference (workers hold a copy).
+    blocks: Path | None = None
     num_tasks_per_round: int = 2
     round_timeout_sec: float = 600.0
     min_updates_per_round: int = 1
@@ -76,10 +90,27 @@ class TrainerConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     seed: int = 0
     examples_per_task: int = 8
+    blocks_per_task: int = 4
     local_steps: int = 2
     lr: float = 1e-3
     max_seq_len: int = 256
     adapter_name: str | None = "zyke-shared"
+
+
+class BlockRef(BaseModel):
+    """Blocks of one shard: its file name and sha256 (as the manifest records them) and global block indices."""
+
+    shard: str
+    sha256: str
+    indices: list[int]
+
+
+class TaskBlocks(BaseModel):
+    """A task's blocks, by reference: the worker proves it holds the same folder by the manifest's sha256."""
+
+    manifest_sha256: str
+    block_size: int
+    refs: list[BlockRef]
 
 
 class Task(BaseModel):
@@ -89,7 +120,10 @@ class Task(BaseModel):
     seed: int
     lora: dict[str, Any]
     train: dict[str, Any]
-    examples: list[dict[str, str]]
+    #: Empty for a blocks-only task; defaulted so a task without the key (or a worker sending none) still parses.
+    examples: list[dict[str, str]] = Field(default_factory=list)
+    #: None for an examples-only task: what a worker from before blocks existed receives and ignores.
+    blocks: TaskBlocks | None = None
     max_staleness: int
 
 
@@ -123,6 +157,28 @@ def target_shapes(base: Path, targets: list[str]) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def load_blocks_manifest(path: Path) -> tuple[dict[str, Any], str]:
+    """A blocks folder's manifest and its sha256, every shard's sha256 checked once at start: the trainer hands out
+    references to these bytes, so it must not vouch for a shard that went missing or changed since ``blocks``."""
+    from zyke_daemon.embedded import sha256_file
+
+    try:
+        manifest = read_manifest(path)
+        for shard in manifest["shards"]:
+            file = path / shard["file"]
+            if not file.is_file():
+                raise BlocksError(f"block shard {file} is missing")
+            if sha256_file(file) != shard["sha256"]:
+                raise BlocksError(f"block shard {file} does not match the sha256 in its manifest")
+        if int(manifest.get("block_size", 0)) < 2:
+            raise BlocksError(f"{path / MANIFEST} has no usable block_size")
+    except BlocksError as exc:
+        raise ValueError(str(exc)) from exc
+    if not sum(s["blocks"] for s in manifest["shards"]):
+        raise ValueError(f"{path} holds no blocks")
+    return manifest, sha256_file(path / MANIFEST)
+
+
 def load_examples(path: Path) -> list[dict[str, str]]:
     """``{prompt, completion}`` pairs from rendered examples or raw NPC rows (rendered by ``npc_data``)."""
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -149,9 +205,17 @@ class Trainer:
         if not self.tokens:
             raise ValueError("at least one worker token is needed")
         self.fingerprint = base_fingerprint(config.base)
-        self.examples = load_examples(config.data)
-        if not self.examples:
+        if config.data is None and config.blocks is None:
+            raise ValueError("give --data (examples), --blocks (a blocks folder) or both")
+        self.examples = load_examples(config.data) if config.data is not None else []
+        if config.data is not None and not self.examples:
             raise ValueError(f"{config.data} holds no usable examples")
+        self.blocks_manifest: dict[str, Any] | None = None
+        self.blocks_sha256 = ""
+        self.num_blocks = 0
+        if config.blocks is not None:
+            self.blocks_manifest, self.blocks_sha256 = load_blocks_manifest(config.blocks)
+            self.num_blocks = sum(s["blocks"] for s in self.blocks_manifest["shards"])
         shapes = target_shapes(config.base, config.target_modules)
         peft_config = {"peft_type": "LORA", "r": config.rank, "lora_alpha": config.alpha,
                        "target_modules": sorted(config.target_modules), "lora_dropout": 0.0, "bias": "none",
@@ -162,6 +226,7 @@ class Trainer:
         self.lock = threading.Lock()
         self.rejected: Counter[str] = Counter()
         self.next_slice = 0
+        self.next_block = 0
         self.registered_version: int | None = None
         self.register = register
         self.wake = asyncio.Event()
@@ -180,39 +245,75 @@ class Trainer:
                 return worker
         raise Rejected(Reason.UNKNOWN_TOKEN, "this worker token is not known to the trainer")
 
-    def _sign(self, version: int, start: int, nonce: str, worker: str) -> str:
-        msg = f"{version}|{start}|{nonce}|{worker}".encode()
-        return hmac.new(self.store.secret, msg, hashlib.sha256).hexdigest()[:32]
+    @property
+    def examples_in_task(self) -> int:
+        return min(self.config.examples_per_task, len(self.examples))
+
+    @property
+    def blocks_in_task(self) -> int:
+        return min(self.config.blocks_per_task, self.num_blocks)
+
+    def _sign(self, version: int, slice_key: str, nonce: str, worker: str) -> str:
+        """HMAC over everything that decides what the task trains on. An examples-only slice key is the bare start,
+        so the message (and every id issued before blocks existed) is unchanged; a block slice also binds the
+        manifest's sha256 and the slice length, so no id can be replayed against other blocks."""
+        msg = f"{version}|{slice_key}|{nonce}|{worker}"
+        if "b" in slice_key:
+            msg += f"|blocks:{self.blocks_sha256}:{self.blocks_in_task}"
+        return hmac.new(self.store.secret, msg.encode(), hashlib.sha256).hexdigest()[:32]
 
     def _slice(self, start: int) -> list[dict[str, str]]:
-        n = min(self.config.examples_per_task, len(self.examples))
+        n = self.examples_in_task
         return [self.examples[(start + i) % len(self.examples)] for i in range(n)]
 
+    def block_indices(self, start: int) -> list[int]:
+        """The global block indices of the block slice starting at ``start`` (wrapping like ``_slice``)."""
+        return [(start + i) % self.num_blocks for i in range(self.blocks_in_task)]
+
+    def _task_blocks(self, start: int) -> TaskBlocks:
+        assert self.blocks_manifest is not None
+        refs = block_refs(self.blocks_manifest, self.block_indices(start))
+        return TaskBlocks(manifest_sha256=self.blocks_sha256, block_size=int(self.blocks_manifest["block_size"]),
+                          refs=[BlockRef(**r) for r in refs])
+
     def new_task(self, worker: str) -> Task:
+        """The next slice of every configured source (examples inline, blocks by reference), signed for ``worker``."""
         c = self.config
         with self.lock:
-            version, start = self.store.version, self.next_slice
-            self.next_slice = (start + c.examples_per_task) % len(self.examples)
+            version, start, block_start = self.store.version, self.next_slice, self.next_block
+            if self.examples:
+                self.next_slice = (start + c.examples_per_task) % len(self.examples)
+            if self.num_blocks:
+                self.next_block = (block_start + c.blocks_per_task) % self.num_blocks
+        slice_key = (str(start) if self.examples else "") + (f"b{block_start}" if self.num_blocks else "")
         nonce = secrets.token_hex(6)
-        return Task(task_id=f"{version}-{start}-{nonce}-{self._sign(version, start, nonce, worker)}", version=version,
-                    base_fingerprint=self.fingerprint, seed=c.seed,
+        return Task(task_id=f"{version}-{slice_key}-{nonce}-{self._sign(version, slice_key, nonce, worker)}",
+                    version=version, base_fingerprint=self.fingerprint, seed=c.seed,
                     lora={"r": c.rank, "alpha": c.alpha, "target_modules": sorted(c.target_modules)},
                     train={"steps": c.local_steps, "lr": c.lr, "max_seq_len": c.max_seq_len},
-                    examples=self._slice(start), max_staleness=c.max_staleness)
+                    examples=self._slice(start) if self.examples else [],
+                    blocks=self._task_blocks(block_start) if self.num_blocks else None,
+                    max_staleness=c.max_staleness)
 
     def parse_task(self, task_id: str, worker: str) -> tuple[int, int]:
+        """``(version, max samples)`` of a task this trainer issued to ``worker``: the samples are what the task
+        held (examples plus blocks), the most a worker can honestly say it trained on."""
         parts = task_id.split("-")
-        if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit() and len(parts[0]) < 10 and len(parts[1]) < 10:
-            version, start = int(parts[0]), int(parts[1])
-            if hmac.compare_digest(parts[3], self._sign(version, start, parts[2], worker)):
-                return version, start
+        if len(parts) == 4 and parts[0].isdigit() and len(parts[0]) < 10:
+            m = SLICE.fullmatch(parts[1])
+            if m and parts[1] and (m["examples"] is None or self.examples) and (m["blocks"] is None or self.num_blocks):
+                version = int(parts[0])
+                if hmac.compare_digest(parts[3], self._sign(version, parts[1], parts[2], worker)):
+                    samples = (self.examples_in_task if m["examples"] is not None else 0) + \
+                              (self.blocks_in_task if m["blocks"] is not None else 0)
+                    return version, samples
         raise Rejected(Reason.UNKNOWN_TASK, "this task id was not issued to this worker by this trainer")
 
     # -- submissions
 
     def submit(self, worker: str, task_id: str, base_version: int, raw_metrics: dict[str, Any], body: bytes) -> Verdict:
         """Validate and (durably) accept one update; raises ``Rejected`` with a typed reason otherwise."""
-        task_version, _start = self.parse_task(task_id, worker)
+        task_version, max_samples = self.parse_task(task_id, worker)
         if base_version != task_version:
             raise Rejected(Reason.MALFORMED, f"base_version {base_version} is not the task's version {task_version}")
         with self.lock:
@@ -221,7 +322,7 @@ class Trainer:
             staleness = check_staleness(task_version, self.store.version, self.config.max_staleness)
         delta, _meta = parse_safetensors(body)
         norm = check_delta(delta, self.expected, self.config.delta_norm_max)
-        metrics = check_metrics(raw_metrics, max_samples=min(self.config.examples_per_task, len(self.examples)))
+        metrics = check_metrics(raw_metrics, max_samples=max_samples)
         with self.lock:  # re-check under the lock: the round may have moved or a twin request won meanwhile
             if task_id in self.store.accepted_ids:
                 raise Rejected(Reason.DUPLICATE, "this task's update was already accepted; it is counted once")

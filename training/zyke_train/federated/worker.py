@@ -1,16 +1,22 @@
 """The volunteer side of the shared trainer (``zyke-train contribute``): fetch a task, train, send ΔB.
 
 For each task: ``GET /get_lora_weights`` (frozen A + current B of the live version) and ``GET /get_task``
-(the version, the LoRA and training settings, the examples), check the local base model is the one the
-trainer trains (same fingerprint), train the adapter's ``B`` only on the task's examples, and
+(the version, the LoRA and training settings, the examples and/or block references), check the local base model
+is the one the trainer trains (same fingerprint), train the adapter's ``B`` only on the task's data, and
 ``POST /submit_update`` with ``ΔB = B_trained - B_received`` as safetensors plus the training metrics.
+
+A task may name ``zyke-train blocks`` blocks by reference (manifest sha256, and per shard its sha256 and global
+block indices) instead of carrying text: the worker reads exactly those rows from its own copy (``--blocks-dir``)
+through ``blocks.read_blocks_by_ref``, which refuses a copy whose manifest or shards differ. Such a task is skipped
+and reported (``BlocksUnavailable``), never trained on other data.
 
 The local loop is small and lives here, not in ``zyke_train.train.train``: that function runs a whole
 fine-tuning job (its own fresh LoRA init, Accelerate, checkpoints, output directories), while FFA-LoRA
 needs a few steps that start from the trainer's weights with every ``lora_A`` frozen. What can be shared
-is shared: tokenisation (``tokenize_examples``), batching (``collate``) and the completion-only loss
-(``completion_loss_sum``) come from ``zyke_train.batching``, so a contributed update optimises exactly what a
-local ``zyke-train train`` run optimises, on exactly the text the daemon serves.
+is shared: tokenisation (``tokenize_examples``), block windows (``block_items``), batching (``collate``) and the
+loss (``completion_loss_sum``; a block window's "completion" is all of it but its first token, so blocks get loss
+on every token) come from ``zyke_train.train_data`` and ``zyke_train.batching``, so a contributed update optimises
+exactly what a local ``zyke-train train`` run optimises, on exactly the text the daemon serves.
 
 Network faults (refused or reset connections, timeouts, 5xx, 429) are retried with exponential backoff
 and jitter; a re-sent upload whose first copy was accepted comes back ``duplicate`` and counts as done,
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 import urllib.error
@@ -30,9 +37,12 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..train_data import Tokenized
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +68,17 @@ class ContributeError(Exception):
     """The run cannot go on (bad token, wrong base model, trainer unreachable after retries)."""
 
 
+class BlocksUnavailable(ContributeError):
+    """A task names blocks this worker cannot vouch for: no ``--blocks-dir``, a missing shard, or a manifest or
+    shard whose sha256 differs from the task's. Only this task is skipped (and reported); training on whatever the
+    local copy holds instead would send the trainer an update for data it never asked for."""
+
+
 @dataclass
 class Outcome:
     task_id: str
     version: int
-    status: str  # accepted | duplicate | rejected
+    status: str  # accepted | duplicate | rejected | skipped (a task whose blocks this worker cannot supply)
     reason: str | None
     detail: str
     metrics: dict[str, float | int]
@@ -142,29 +158,72 @@ class LocalModel:
                 for k, v in get_peft_model_state_dict(self.model).items() if ".lora_B." in k}
 
 
-def train_task(local: LocalModel, task: dict[str, Any], batch_size: int = 4) -> dict[str, float | int]:
-    """A few AdamW steps on ``B`` over the task's examples (completion-only loss); returns the metrics."""
+def task_block_rows(task: dict[str, Any], blocks_dir: Path | None, tokenizer: Any) -> tuple[list[str], np.ndarray]:
+    """``(ids, rows)`` of the blocks a task names, read from the local copy and checked against the task's manifest
+    and shard sha256 and against ``tokenizer`` (vocabulary, EOS); ids are ``shard:global_index``. A task without
+    blocks gives none. Raises ``BlocksUnavailable`` instead of ever substituting other rows."""
+    from ..blocks import BlocksError, read_blocks_by_ref
+
+    spec = task.get("blocks")
+    if not spec:
+        return [], np.zeros((0, 0), np.int32)
+    if blocks_dir is None:
+        raise BlocksUnavailable("this task names blocks by reference; pass --blocks-dir with a local copy of the "
+                                "trainer's blocks folder")
+    try:
+        refs = list(spec["refs"])
+        rows = read_blocks_by_ref(blocks_dir, refs, manifest_sha256=str(spec["manifest_sha256"]),
+                                  vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+        ids = [f"{r['shard']}:{int(i)}" for r in refs for i in r["indices"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BlocksUnavailable(f"the task's block references are malformed ({exc})") from exc
+    except BlocksError as exc:
+        raise BlocksUnavailable(f"{exc}; the task's blocks are not in {blocks_dir} (copy the trainer's blocks "
+                                "folder again)") from exc
+    if rows.shape[1] != int(spec.get("block_size", rows.shape[1])):
+        raise BlocksUnavailable(f"{blocks_dir} holds blocks of {rows.shape[1]} tokens, the task "
+                                f"{spec.get('block_size')}")
+    return ids, rows
+
+
+def train_task(local: LocalModel, task: dict[str, Any], batch_size: int = 4, blocks_dir: Path | None = None,
+               on_batch: Callable[[list[Tokenized]], None] | None = None) -> dict[str, float | int]:
+    """A few AdamW steps on ``B`` over the task's examples (completion-only loss) and blocks (loss on every token);
+    returns the metrics.
+
+    A task with blocks runs at least one pass over all their windows (more steps than the task's when needed), so
+    every token of exactly the named blocks is trained on. ``on_batch`` is called with each step's items (the
+    token ids that step trains on): how a caller can check what was trained, without reaching into the loop."""
     import torch
 
     from ..batching import collate, completion_loss_sum
-    from ..train_data import tokenize_examples
+    from ..train_data import block_items, tokenize_examples
 
     settings = task["train"]
     steps, lr, max_len = int(settings["steps"]), float(settings["lr"]), int(settings["max_seq_len"])
-    examples = [(str(i), e["prompt"], e["completion"]) for i, e in enumerate(task["examples"])]
+    block_ids, block_rows = task_block_rows(task, blocks_dir, local.tokenizer)  # before any step: refuse early
+    examples = [(f"example:{i}", e["prompt"], e["completion"]) for i, e in enumerate(task.get("examples") or [])]
     items, _ = tokenize_examples(local.tokenizer, examples, max_len)
+    items += block_items(zip(block_ids, block_rows, strict=True), max_len)
+    if not items:
+        raise ContributeError(f"task {task.get('task_id')} has nothing to train on")
+    if block_ids:
+        steps = max(steps, math.ceil(len(items) / batch_size))
     params = [p for p in local.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     pad = local.tokenizer.pad_token_id if local.tokenizer.pad_token_id is not None else 0
     local.model.train()
     losses: list[float] = []
     norms: list[float] = []
-    seen: set[int] = set()
+    seen: set[str] = set()
     started = time.perf_counter()
     for step in range(steps):
         idx = [(step * batch_size + j) % len(items) for j in range(min(batch_size, len(items)))]
-        seen.update(idx)
-        batch = collate([items[i] for i in idx], pad)
+        chosen = [items[i] for i in idx]
+        seen.update(t.id.partition("#")[0] for t in chosen)  # a sample is an example or a block, not a window
+        if on_batch is not None:
+            on_batch(chosen)
+        batch = collate(chosen, pad)
         loss = completion_loss_sum(local.model, batch) / max(1, batch["targets"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,8 +237,11 @@ def train_task(local: LocalModel, task: dict[str, Any], batch_size: int = 4) -> 
 
 
 def contribute(trainer_url: str, token: str | None, num_tasks: int = 1, base: Path | None = None,
-               on_event: Callable[[str], None] = print, client: TrainerClient | None = None) -> list[Outcome]:
-    """Run ``num_tasks`` tasks against the trainer; returns what became of each."""
+               on_event: Callable[[str], None] = print, client: TrainerClient | None = None,
+               blocks_dir: Path | None = None) -> list[Outcome]:
+    """Run ``num_tasks`` tasks against the trainer; returns what became of each. ``blocks_dir`` is the local copy
+    of the trainer's blocks folder, read for tasks that name blocks; a task whose blocks it cannot supply is
+    reported as ``skipped`` (reason ``blocks_unavailable``) and the run goes on."""
     from safetensors.numpy import save
     from zyke_daemon.hf_checkpoint import base_fingerprint, embedded_hf_checkpoint
 
@@ -212,9 +274,15 @@ def contribute(trainer_url: str, token: str | None, num_tasks: int = 1, base: Pa
             local = LocalModel(base, task["lora"])
         local.load(weights)
         before = local.b_state()
+        n_blocks = sum(len(r.get("indices", [])) for r in (task.get("blocks") or {}).get("refs", []))
         on_event(f"[{n}/{num_tasks}] task {task['task_id']}: version {task['version']}, "
-                 f"{len(task['examples'])} examples, {task['train']['steps']} steps")
-        metrics = train_task(local, task)
+                 f"{len(task.get('examples') or [])} examples, {n_blocks} blocks, {task['train']['steps']} steps")
+        try:
+            metrics = train_task(local, task, blocks_dir=blocks_dir)
+        except BlocksUnavailable as exc:
+            outcomes.append(Outcome(task["task_id"], task["version"], "skipped", "blocks_unavailable", str(exc), {}))
+            on_event(f"[{n}/{num_tasks}] skipped (blocks_unavailable): {exc}")
+            continue
         after = local.b_state()
         delta = {k: np.ascontiguousarray(after[k] - before[k], dtype=np.float32) for k in sorted(after)}
         on_event(f"[{n}/{num_tasks}] trained in {metrics['duration']:.1f}s: loss {metrics['train_loss_mean']:.4f} "
