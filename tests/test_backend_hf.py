@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import backend_helpers
 import pytest
 import torch
 from zyke.prompt_format import render_prompt, reply_schema
@@ -94,8 +95,13 @@ def gen(backend: TransformersBackend, prompt: str, **kw: object) -> GenerationRe
 
 def llama_greedy(backend: LlamaCppBackend, prompt: str, adapter: str | None, n: int) -> list[int]:
     """Unconstrained greedy continuation on llama.cpp with ``adapter`` applied (no repeat penalty), from a
-    cold context: the same thing TransformersBackend.generate_batch computes."""
-    return backend.greedy(prompt, n, adapter)
+    cold context: the same thing ``hf_generate_batch`` computes on transformers."""
+    return backend_helpers.llama_greedy(backend, prompt, n, adapter)
+
+
+def generate_batch(backend: TransformersBackend, prompts: list[str], adapters: list[str | None],
+                   max_new_tokens: int) -> list[list[int]]:
+    return backend_helpers.hf_generate_batch(backend, prompts, adapters, max_new_tokens)
 
 
 # -- the converted checkpoint
@@ -185,12 +191,12 @@ def test_the_no_repeat_ban_over_history_holds_here_too(hf: TransformersBackend, 
 def test_adapter_parity_with_llama_cpp(hf: TransformersBackend, llama: LlamaCppBackend,
                                        adapter: tuple[Path, Path]) -> None:
     peft_dir, gguf = adapter
-    hf_base = hf.generate_batch([PROMPT], [None], PARITY_TOKENS)[0]
+    hf_base = generate_batch(hf, [PROMPT], [None], PARITY_TOKENS)[0]
     llama_base = llama_greedy(llama, PROMPT, None, PARITY_TOKENS)
 
     hf.load_adapter("parity", peft_dir)
     llama.load_adapter("parity", gguf)
-    hf_tuned = hf.generate_batch([PROMPT], ["parity"], PARITY_TOKENS)[0]
+    hf_tuned = generate_batch(hf, [PROMPT], ["parity"], PARITY_TOKENS)[0]
     llama_tuned = llama_greedy(llama, PROMPT, "parity", PARITY_TOKENS)
     trained = hf.hf_tokenizer(TARGET, add_special_tokens=False)["input_ids"]
 
@@ -198,12 +204,12 @@ def test_adapter_parity_with_llama_cpp(hf: TransformersBackend, llama: LlamaCppB
     assert hf_tuned[:4] == trained[:4]  # the adapter learned (the start of) its sentence
     assert hf_tuned != hf_base and llama_tuned != llama_base
     # the base with the adapter still loaded (request.adapter None), then after unloading it
-    assert hf.generate_batch([PROMPT], [None], PARITY_TOKENS)[0] == hf_base
+    assert generate_batch(hf, [PROMPT], [None], PARITY_TOKENS)[0] == hf_base
     assert llama_greedy(llama, PROMPT, None, PARITY_TOKENS) == llama_base
     hf.unload_adapter("parity")
     llama.unload_adapter("parity")
     assert hf.loaded_adapters == [] and llama.loaded_adapters == []
-    assert hf.generate_batch([PROMPT], [None], PARITY_TOKENS)[0] == hf_base
+    assert generate_batch(hf, [PROMPT], [None], PARITY_TOKENS)[0] == hf_base
     assert llama_greedy(llama, PROMPT, None, PARITY_TOKENS) == llama_base
 
 
@@ -228,10 +234,10 @@ def test_batch_rows_with_different_adapters_match_single_runs(hf: TransformersBa
     hf.load_adapter("batch", adapter[0])
     try:
         prompts = [PROMPT, "The blacksmith looks up from the anvil and says:"]  # different lengths: left padding
-        together = hf.generate_batch(prompts, ["batch", None], 8)
-        alone = [hf.generate_batch([prompts[0]], ["batch"], 8)[0], hf.generate_batch([prompts[1]], [None], 8)[0]]
+        together = generate_batch(hf, prompts, ["batch", None], 8)
+        alone = [generate_batch(hf, [prompts[0]], ["batch"], 8)[0], generate_batch(hf, [prompts[1]], [None], 8)[0]]
         assert together == alone
-        assert together[0] != hf.generate_batch([prompts[0]], [None], 8)[0]
+        assert together[0] != generate_batch(hf, [prompts[0]], [None], 8)[0]
     finally:
         hf.unload_adapter("batch")
 

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psutil
 import pytest
@@ -231,6 +231,10 @@ class HeldBackend:
     fingerprint = "sha256:held"
     model = ModelInfo(name="held.gguf")
     loaded_adapters: list[str] = []  # noqa: RUF012 - read-only here
+    supports_batching: ClassVar[bool] = False  # the server runs each reply as a batch of one
+    supports_idle_prefill: ClassVar[bool] = False
+    preemptions = 0
+    tokenizer = None  # response_format schemas are checked without a vocabulary
 
     def __init__(self) -> None:
         self.release = threading.Event()
@@ -247,6 +251,9 @@ class HeldBackend:
         text = '{"say": "Aye.", "emotion": "neutral", "action": "none"}'
         on_text(text)
         return GenerationResult(text, "stop", 1, 3)
+
+    def chat_template(self) -> tuple[str, str, str] | None:
+        return None
 
     def load_adapter(self, name: str, path: Path) -> None: ...
 

@@ -292,8 +292,7 @@ def _routes(server: DaemonServer) -> FastAPI:
         backend = server.backend
         key = id(backend)
         if key not in templates:
-            get = getattr(backend, "chat_template", None)
-            templates[key] = get() if get is not None else None
+            templates[key] = backend.chat_template() if backend is not None else None
         return templates[key]
 
     def job_for(body: ChatCompletionRequest | CompletionRequest, prompt: str, stops: list[str], kind: str,
@@ -343,7 +342,7 @@ def _routes(server: DaemonServer) -> FastAPI:
         try:
             grammar = compile_schema(json.dumps(schema))
             # (is it an error, messages), checked against the model's own tokenizer, as decoding will use it
-            tokenizer = getattr(server.backend, "tokenizer", None)
+            tokenizer = server.backend.tokenizer if server.backend is not None else None
             failed, problems = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
         except Exception as exc:  # its compiler raises ValueError or RuntimeError by case
             raise ApiError(400, f"response_format schema is not supported: {str(exc)[:500]}",

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from websockets.exceptions import ConnectionClosed
@@ -35,7 +35,15 @@ from . import __version__, experience
 from .adapters import AdapterRegistry
 from .asgi_ws import AsgiWebSocket, Receive, Scope, WsProtocol, refuse
 from .asgi_ws import Send as AsgiSend
-from .backends.base import ANY_ADAPTER, Backend, BatchItem
+from .backends.base import (
+    ANY_ADAPTER,
+    Backend,
+    BatchingBackend,
+    BatchItem,
+    IdlePrefillBackend,
+    TakeItems,
+    run_batch_of_one,
+)
 from .completions import CompletionJob, CompletionResult, CompletionRun
 from .config import DaemonConfig
 from .core import (
@@ -249,8 +257,8 @@ class DaemonServer:
             self.load_error = exc
             self.ready.set_exception(exc)
             return
-        if hasattr(self.backend, "run_batch"):  # how its batch treats priorities (docs/SCHEDULING.md)
-            backend: Any = self.backend
+        if self.backend.supports_batching:  # how its batch treats priorities (docs/SCHEDULING.md)
+            backend = cast(BatchingBackend, self.backend)
             backend.foreground_solo_tokens = self.config.foreground_solo_tokens
             backend.starve_after = self.config.starve_after
             backend.background_tokens_per_s = self.config.background_tokens_per_s
@@ -537,10 +545,7 @@ class DaemonServer:
             if not self._popped(peer, job, rank):
                 continue
             assert peer is not None
-            if hasattr(self.backend, "run_batch"):
-                follow_ups = await self._run_batch(peer, job)
-            else:
-                follow_ups = [await self._run(peer, job)]
+            follow_ups = await self._run_batch(peer, job)
             for follow_up in follow_ups:
                 if follow_up is not None and not len(self.queue):
                     await self._prefill_idle(*follow_up)
@@ -554,30 +559,18 @@ class DaemonServer:
     async def _prefill_idle(self, text: str, adapter: str | None) -> None:
         """While nobody waits, let the backend evaluate the conversation so far (the next turn's prompt
         starts with it); it stops between chunks as soon as a request is queued."""
-        prefill = getattr(self.backend, "prefill_idle", None)
-        if prefill is None:
+        if self.backend is None or not self.backend.supports_idle_prefill:
             return
+        prefill = cast(IdlePrefillBackend, self.backend).prefill_idle
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self._executor, prefill, text, adapter, lambda: len(self.queue) > 0)
         except Exception:  # only a cache warm-up: the next turn evaluates its prompt anyway
             log.exception("idle prefill failed")
 
-    async def _run(self, peer: _Peer, job: SayJob) -> tuple[str, str | None] | None:
-        """One say job on a backend without batching."""
-        backend = self.backend
-        assert backend is not None
-        run = self._job_run(peer, job)
-        outcome: Any
-        try:
-            outcome = await asyncio.get_running_loop().run_in_executor(
-                self._executor, lambda: backend.generate(run.prepare(), run.on_text))
-        except Exception as exc:
-            outcome = exc
-        return run.finish(outcome)
-
     async def _run_batch(self, peer: _Peer, job: SayJob) -> list[tuple[str, str | None] | None]:
-        """Run ``job`` and every request that can join it in one lockstep batch (llama.cpp backend).
+        """Run ``job`` and every request that can join it in one lockstep batch (a backend that
+        ``supports_batching``); on any other backend ``job`` is a batch of one (``run_batch_of_one``).
 
         A request joins when it is the oldest of its client's queue, uses the batch's adapter, and its
         NPC is not already in the batch (its prompt must include that NPC's previous reply)."""
@@ -635,10 +628,18 @@ class DaemonServer:
             return asyncio.run_coroutine_threadsafe(more(n, adapter, FOREGROUND), loop).result()
 
         backend = self.backend
-        preempted = getattr(backend, "preemptions", 0)
+        assert backend is not None
+        batching = backend.supports_batching
+
+        def run(take: TakeItems, preempt: TakeItems) -> None:  # on the model thread
+            if batching:
+                cast(BatchingBackend, backend).run_batch(take, preempt=preempt)
+            else:
+                run_batch_of_one(backend, take)
+
+        preempted = backend.preemptions
         try:
-            await loop.run_in_executor(
-                self._executor, lambda: backend.run_batch(take, preempt=preempt))  # type: ignore[union-attr]
+            await loop.run_in_executor(self._executor, run, take, preempt)
         except Exception as exc:  # a bug in the batch loop itself
             log.exception("batch failed")
             await asyncio.sleep(0)
@@ -646,8 +647,9 @@ class DaemonServer:
                 finish_run = active.pop(key)
                 follow_ups.append(finish_run.finish(exc))
         await asyncio.sleep(0)  # let the last replies' finish callbacks run
-        self.metrics.batch_size.observe(widest)
-        self.metrics.preemptions.inc(getattr(backend, "preemptions", 0) - preempted)
+        if batching:  # a batch of one is no lockstep batch: the metric stays the batching backend's
+            self.metrics.batch_size.observe(widest)
+            self.metrics.preemptions.inc(backend.preemptions - preempted)
         return follow_ups
 
 

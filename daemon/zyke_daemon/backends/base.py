@@ -6,11 +6,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from zyke.protocol import ModelInfo
 
 if TYPE_CHECKING:
+    from llguidance import LLTokenizer
+
     from ..safety import Matcher
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -86,16 +88,44 @@ class BatchItem:
     priority: int = 1
 
 
+#: ``take(n, adapter)`` of ``run_batch``: up to ``n`` new replies for that adapter (``ANY_ADAPTER``: any adapter).
+TakeItems = Callable[[int, object], list[BatchItem]]
+
+
 class Backend(Protocol):
+    """What every backend is and has. Capabilities are declared, never probed: each backend class sets every
+    ``supports_*`` flag itself, and the server reads the flags (a backend that sets one also satisfies the
+    matching protocol below, ``BatchingBackend`` or ``IdlePrefillBackend``; tests/test_backend_contract.py checks
+    both, with mypy and at run time)."""
+
     name: str
     model: ModelInfo
     #: sha256-based fingerprint of the base weights; adapters trained on another base are refused
     fingerprint: str
     #: which of an adapter's files this backend loads: the GGUF export or the PEFT directory
     adapter_kind: Literal["gguf", "peft"]
+    #: it decodes several replies in lockstep (``BatchingBackend.run_batch``); without it the server runs each
+    #: reply as a batch of one (``run_batch_of_one``)
+    supports_batching: ClassVar[bool]
+    #: it can evaluate a conversation into its prefix cache while nobody waits (``IdlePrefillBackend``)
+    supports_idle_prefill: ClassVar[bool]
 
     @property
     def loaded_adapters(self) -> list[str]: ...
+
+    @property
+    def tokenizer(self) -> LLTokenizer:
+        """The llguidance tokenizer its grammars are compiled for (the HTTP API checks schemas against it)."""
+        ...
+
+    @property
+    def preemptions(self) -> int:
+        """Replies paused for a foreground one, ever (/metrics); 0 for a backend that never pauses one."""
+        ...
+
+    def chat_template(self) -> tuple[str, str, str] | None:
+        """The model's own chat template with its BOS and EOS texts, or None when the model has none."""
+        ...
 
     def load_adapter(self, name: str, path: Path) -> None: ...
 
@@ -106,3 +136,34 @@ class Backend(Protocol):
     def generate(self, request: GenerationRequest, on_text: OnText) -> GenerationResult: ...
 
     def close(self) -> None: ...
+
+
+class BatchingBackend(Backend, Protocol):
+    """A backend with ``supports_batching``: lockstep batches, with the priority rules of docs/SCHEDULING.md
+    (the daemon sets these from its config)."""
+
+    foreground_solo_tokens: int
+    starve_after: int
+    background_tokens_per_s: float | None
+
+    def run_batch(self, take: TakeItems, max_batch: int = 4, preempt: TakeItems | None = None) -> None: ...
+
+
+class IdlePrefillBackend(Backend, Protocol):
+    """A backend with ``supports_idle_prefill``."""
+
+    def prefill_idle(self, text: str, adapter: str | None, stop: Callable[[], bool]) -> int:
+        """Evaluate ``text`` into the prefix cache, checking ``stop`` between chunks; the tokens evaluated."""
+        ...
+
+
+def run_batch_of_one(backend: Backend, take: TakeItems) -> None:
+    """``run_batch`` for a backend without batching: the one reply ``take`` hands over, generated alone. Its
+    exception is its outcome, as a batching backend reports a failed reply."""
+    for item in take(1, ANY_ADAPTER):
+        outcome: GenerationResult | BaseException
+        try:
+            outcome = backend.generate(item.prepare(), item.on_text)
+        except Exception as exc:
+            outcome = exc
+        item.done(outcome)

@@ -10,8 +10,7 @@ here as is, and on llama.cpp after ``lora_gguf.export_peft_to_gguf``.
 
 Adapters: PEFT keeps several LoRA adapters injected side by side; a request picks one with
 ``set_adapter`` (a pointer switch, no weight copy) or runs the base under ``disable_adapter()``. Loaded
-adapters are kept in an LRU with a cap, like the llama.cpp backend. ``generate_batch`` shows PEFT's
-mixed-adapter batches: rows with different adapters (or none) in one forward pass.
+adapters are kept in an LRU with a cap, like the llama.cpp backend.
 
 No prefix cache: every request evaluates its whole prompt. On a GPU a few hundred prompt tokens take
 milliseconds in one batched forward pass, and a cache keyed by adapter and prefix (what llama.cpp needs
@@ -29,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -103,7 +102,12 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype) ->
 
 class TransformersBackend:
     name = "transformers"
-    adapter_kind = "peft"  # loads an adapter's PEFT directory (llama.cpp loads its GGUF export)
+    adapter_kind: Literal["gguf", "peft"] = "peft"  # loads an adapter's PEFT directory (llama.cpp its GGUF export)
+    #: one reply at a time (the server runs it as a batch of one), and no prefix cache to warm
+    supports_batching: ClassVar[bool] = False
+    supports_idle_prefill: ClassVar[bool] = False
+    #: it never pauses a reply
+    preemptions = 0
 
     def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype = "auto",
                  quantization: str | None = None, attn_implementation: str | None = None, compile: bool = False,
@@ -264,37 +268,6 @@ class TransformersBackend:
         self._adapters.move_to_end(name)
         self.lm.set_adapter(name)
         yield
-
-    # -- batches
-
-    def generate_batch(self, prompts: list[str], adapters: list[str | None], max_new_tokens: int) -> list[list[int]]:
-        """Greedy, unconstrained continuations of several prompts, each row with its own adapter (None: the
-        base), in one batched ``generate`` call with left padding. Returns each row's new tokens up to EOS."""
-        if len(prompts) != len(adapters):
-            raise ValueError("one adapter (or None) per prompt")
-        unknown = {a for a in adapters if a is not None and a not in self._adapters}
-        if unknown:
-            raise ModelLoadError(f"adapter(s) not loaded: {', '.join(sorted(unknown))}")
-        tok = self.hf_tokenizer
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(self.device)
-        finally:
-            tok.padding_side = side
-        kwargs: dict[str, Any] = {}
-        if self._adapters:  # a PeftModel: name every row's adapter
-            kwargs["adapter_names"] = [a if a is not None else BASE_ROW for a in adapters]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else min(self._eos)
-        with self._lock, torch.inference_mode():
-            out = self.lm.generate(**enc, **kwargs, max_new_tokens=max_new_tokens, do_sample=False,
-                                      temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-                                      eos_token_id=sorted(self._eos))
-        rows: list[list[int]] = []
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in self._eos), len(row))
-            rows.append(row[:cut])
-        return rows
 
     # -- internals
 

@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import llama_cpp
 import llguidance.llamacpp
@@ -49,7 +50,7 @@ from zyke.protocol import ModelInfo
 
 from ..embedded import sha256_file
 from ..errors import ModelLoadError
-from .base import ANY_ADAPTER, BatchItem, GenerationRequest, GenerationResult, OnText
+from .base import ANY_ADAPTER, BatchItem, GenerationRequest, GenerationResult, OnText, TakeItems
 from .decoding import SequenceDecoder, decode
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,9 @@ class _Running:
 
 class LlamaCppBackend:
     name = "llama.cpp"
-    adapter_kind = "gguf"
+    adapter_kind: Literal["gguf", "peft"] = "gguf"
+    supports_batching: ClassVar[bool] = True
+    supports_idle_prefill: ClassVar[bool] = True
 
     def __init__(self, model_path: Path, sha256: str | None = None, n_ctx: int = 4096,
                  n_threads: int | None = None, max_loaded_adapters: int = 8, n_slots: int = 6) -> None:
@@ -197,8 +200,7 @@ class LlamaCppBackend:
             self._clear(slot)  # a half-evaluated slot is worth nothing
             raise
 
-    def run_batch(self, take: Callable[[int, object], list[BatchItem]], max_batch: int = 4,
-                  preempt: Callable[[int, object], list[BatchItem]] | None = None) -> None:
+    def run_batch(self, take: TakeItems, max_batch: int = 4, preempt: TakeItems | None = None) -> None:
         """Decode several replies in lockstep until none is left: one ``llama_decode`` per step carries
         the next token of every running reply, each in its own slot.
 
@@ -253,8 +255,8 @@ class LlamaCppBackend:
                     r.item.done(exc)
                 return
 
-    def _seat(self, running: list[_Running], paused: list[_Running], take: Callable[[int, object], list[BatchItem]],
-              preempt: Callable[[int, object], list[BatchItem]] | None, max_batch: int) -> None:
+    def _seat(self, running: list[_Running], paused: list[_Running], take: TakeItems, preempt: TakeItems | None,
+              max_batch: int) -> None:
         """Fill the batch for the next step: starved paused replies, then queued foreground replies (pausing a
         lower-priority reply when no seat is free), then the other paused replies, then anything queued."""
         def adapter() -> object:
@@ -385,21 +387,6 @@ class LlamaCppBackend:
         except BaseException:
             self._clear(slot)
             raise
-
-    def greedy(self, prompt: str, n: int, adapter: str | None = None) -> list[int]:
-        """Plain greedy continuation from a cold slot: no grammar, no repeat penalty. A reference that
-        parity tests compare the transformers backend with."""
-        self.reset()
-        self._apply(adapter)
-        tokens = self.tokenize(prompt)
-        slot, _ = self._take_slot(tokens, adapter)
-        self._prefill(slot, tokens, 0)
-        out: list[int] = []
-        while len(out) < n and (token := int(np.argmax(self._logits()))) not in self._eos:
-            out.append(token)
-            self._eval(slot, [token])
-        self._clear(slot)
-        return out
 
     def reset(self) -> None:
         """Forget every slot, so the next prompt starts cold (tests and benchmarks use it)."""
