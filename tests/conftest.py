@@ -25,7 +25,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 def backend() -> Iterator[LlamaCppBackend]:
     """The llama.cpp backend on the embedded model, in-process, shared by one test module."""
     from zyke_daemon.backends.llamacpp import LlamaCppBackend
-    from zyke_daemon.embedded import embedded_model_path
+    from zyke_models.embedded import embedded_model_path
 
     path, sha = embedded_model_path()
     b = LlamaCppBackend(path, sha256=sha, n_ctx=2048, n_threads=2)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import save, save_file
-from zyke_daemon.embedded import sha256_file
+from zyke_models.embedded import sha256_file
 
 TOKENS = ("worker-token-a", "worker-token-b")
 #: (out, in) of q_proj and v_proj in the fake base: small, so tests build deltas by hand in microseconds.
@@ -43,7 +43,7 @@ def tiny_base(path: Path) -> Path:
     """A tiny random Gemma3ForCausalLM with the embedded model's tokenizer (the vocab must match it)."""
     import torch
     from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
-    from zyke_daemon.hf_checkpoint import embedded_hf_checkpoint
+    from zyke_models.hf_checkpoint import embedded_hf_checkpoint
 
     tok = AutoTokenizer.from_pretrained(str(embedded_hf_checkpoint()))
     cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -20,8 +20,8 @@ from zyke.protocol import ErrorCode, NpcSpec
 from zyke_daemon.adapters import AdapterRegistry
 from zyke_daemon.backends.base import GenerationRequest
 from zyke_daemon.backends.llamacpp import LlamaCppBackend
-from zyke_daemon.embedded import embedded_model_path
 from zyke_daemon.errors import DaemonError
+from zyke_models.embedded import embedded_model_path
 
 NPC = NpcSpec(id="mira", name="Mira", persona="A cheerful innkeeper in a mountain village.",
               actions=["none", "serve_drink", "rent_room"], emotions=["happy", "annoyed"])
@@ -193,7 +193,7 @@ def test_evaluate_checks_an_adapter_against_the_base_it_runs_on(tmp_path: Path) 
     embedded base (it once always used the embedded one, refusing every adapter trained on another base)."""
     import numpy as np
     from safetensors.numpy import save_file
-    from zyke_daemon.hf_checkpoint import base_fingerprint
+    from zyke_models.hf_checkpoint import base_fingerprint
     from zyke_train.evaluate import EvalError, peft_dir_for
 
     other = tmp_path / "other-base"

@@ -15,15 +15,16 @@ from zyke.prompt_format import render_prompt, reply_schema
 from zyke.protocol import NpcReply, NpcSpec, Turn
 from zyke_daemon.backends.base import GenerationRequest, GenerationResult
 from zyke_daemon.backends.decoding import say_token_ids
-from zyke_daemon.backends.hf import TransformersBackend, quantization_config
+from zyke_daemon.backends.hf import TransformersBackend
 from zyke_daemon.backends.llamacpp import LlamaCppBackend
 from zyke_daemon.backends.loader import choose_backend
 from zyke_daemon.config import DaemonConfig, load_config
-from zyke_daemon.embedded import embedded_model_path
 from zyke_daemon.errors import ModelLoadError
-from zyke_daemon.hf_checkpoint import MARKER, base_fingerprint, embedded_hf_checkpoint
-from zyke_daemon.lora_gguf import export_peft_to_gguf
 from zyke_daemon.validation import validator_for
+from zyke_models.embedded import embedded_model_path
+from zyke_models.hf_checkpoint import MARKER, base_fingerprint, embedded_hf_checkpoint
+from zyke_models.lora_gguf import export_peft_to_gguf
+from zyke_models.quantization import quantization_config
 
 slow = pytest.mark.slow
 

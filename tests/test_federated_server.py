@@ -26,7 +26,7 @@ from federated_proc import (
     write_data,
 )
 from safetensors.numpy import load, save
-from zyke_daemon.embedded import sha256_file
+from zyke_models.embedded import sha256_file
 from zyke_train.blocks import BlocksError, read_blocks_by_ref
 from zyke_train.federated.server import Trainer, TrainerConfig
 from zyke_train.federated.validate import Rejected

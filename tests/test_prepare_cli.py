@@ -281,7 +281,7 @@ def test_blocks_shapes_and_content(corpus: Path, tmp_path: Path) -> None:
 def test_blocks_with_the_embedded_tokenizer(corpus: Path, tmp_path: Path) -> None:
     from safetensors.numpy import load_file
     from transformers import AutoTokenizer
-    from zyke_daemon.hf_checkpoint import embedded_hf_checkpoint
+    from zyke_models.hf_checkpoint import embedded_hf_checkpoint
 
     prepared = tmp_path / "prepared"
     run("prepare", "--local", str(corpus), "--out", str(prepared), "--quiet")
@@ -316,7 +316,7 @@ def make_tiny_lora(out: Path, rank: int = 4, dim: int = 16) -> Path:
 
 
 def test_publish_dry_run_writes_card_and_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from zyke_daemon.embedded import embedded_model_path
+    from zyke_models.embedded import embedded_model_path
     from zyke_train.adapters import register
 
     monkeypatch.setenv("ZYKE_DATA_DIR", str(tmp_path / "data"))

@@ -158,7 +158,7 @@ class _Run:
 def backend() -> Iterator[LlamaCppBackend]:
     """One llama.cpp thread: these tests check order and exactness, not speed, and on a busy shared machine two
     threads spend most of their time waiting for each other at llama.cpp's barriers."""
-    from zyke_daemon.embedded import embedded_model_path
+    from zyke_models.embedded import embedded_model_path
 
     path, sha = embedded_model_path()
     b = LlamaCppBackend(path, sha256=sha, n_ctx=1024, n_threads=1)

@@ -50,11 +50,11 @@ from zyke_daemon.backends.base import BatchItem, GenerationRequest, GenerationRe
 from zyke_daemon.backends.llamacpp import PREFILL_CHUNK
 from zyke_daemon.config import DaemonConfig
 from zyke_daemon.core import Close, DaemonCore, Submit
-from zyke_daemon.files import atomic_write_text, remove_stale_temp_files
 from zyke_daemon.metrics import Metrics
 from zyke_daemon.server import DaemonServer, _Peer, is_loopback_host
 from zyke_daemon.sessions import SessionStore
 from zyke_daemon.validation import first_error
+from zyke_models.files import atomic_write_text, remove_stale_temp_files
 
 TOKEN = "secret"
 BROM = {"id": "brom", "name": "Brom", "persona": "A grumpy dwarf smith.", "actions": ["none", "repair"],

@@ -281,7 +281,7 @@ def test_loop_experience_blocks_train_rl_register(tiny: Path, tmp_path: Path, mo
     assert {"rewards/validity/mean", "rewards/action/mean", "rewards/length/mean", "kl"} <= set(step)
     assert rl_log["weight_change_l2"] > 0 and rl_log["config"]["beta"] == 0.04
 
-    from zyke_daemon.hf_checkpoint import base_fingerprint
+    from zyke_models.hf_checkpoint import base_fingerprint
     from zyke_train.adapters import default_registry
 
     registry = default_registry()

@@ -534,7 +534,7 @@ def test_the_same_rail_holds_on_the_transformers_backend() -> None:
     """The rail lives in the decode loop both backends share: on transformers it keeps the same words out."""
     torch = pytest.importorskip("torch")
     from zyke_daemon.backends.hf import TransformersBackend
-    from zyke_daemon.hf_checkpoint import embedded_hf_checkpoint
+    from zyke_models.hf_checkpoint import embedded_hf_checkpoint
 
     torch.set_num_threads(2)
     hf = TransformersBackend(embedded_hf_checkpoint(), device="cpu")

@@ -170,7 +170,7 @@ def test_train_resume_register_export_evaluate(tmp_path: Path, monkeypatch: pyte
 
     assert any(t.name.endswith("attn_q.weight.lora_a") for t in GGUFReader(str(gguf)).tensors)
 
-    from zyke_daemon.embedded import embedded_model_path
+    from zyke_models.embedded import embedded_model_path
     from zyke_train.adapters import default_registry
 
     _, sha = embedded_model_path()

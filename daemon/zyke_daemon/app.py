@@ -8,12 +8,12 @@ import signal
 from pathlib import Path
 
 from zyke.paths import data_dir, ensure_token
+from zyke_models.adapters import SHIPPED_ADAPTERS, AdapterRegistry
+from zyke_models.embedded import resolve_model
+from zyke_models.files import remove_stale_temp_files
 
-from .adapters import SHIPPED_ADAPTERS, AdapterRegistry
 from .backends.loader import load_backend
 from .config import DaemonConfig
-from .embedded import resolve_model
-from .files import remove_stale_temp_files
 from .server import DaemonServer
 from .sessions import SessionStore
 

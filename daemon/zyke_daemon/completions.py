@@ -1,7 +1,7 @@
 """OpenAI-style completions as jobs of the daemon's one model queue.
 
 A chat or text completion from the HTTP API is queued, scheduled, batched, timed out and counted like an
-NPC's line (server.py's dispatcher and lockstep batches take it as they take a ``SayJob``), so WebSocket and
+NPC's line (worker.py's batch loop takes it as it takes a ``SayJob``), so WebSocket and
 HTTP traffic share the model thread fairly: each HTTP request is a client of its own in the fair queue. What
 differs is the middle: the prompt is the caller's (rendered by openai_format.py), the output is free text or
 JSON under the caller's schema, and no NPC session records it. No sockets here: the server carries the results
@@ -75,12 +75,12 @@ class CompletionResult:
 
 
 class CompletionRun:
-    """One completion in the model: what ``server._JobRun`` is to an NPC line (prepare on the model thread, text
-    as it is decoded, the outcome on the loop thread)."""
+    """One completion in the model: what ``worker.JobRun`` is to an NPC line (made and prepared on the model
+    thread, text as it is decoded, the outcome on the loop thread). ``server`` is the ``worker.Worker``."""
 
     def __init__(self, server: Any, peer: Any, job: CompletionJob) -> None:
         self.server, self.peer, self.job = server, peer, job
-        self.loop = asyncio.get_running_loop()
+        self.loop: asyncio.AbstractEventLoop = server.loop
         job.started_at = time.monotonic()
         self.scanner = StopScanner(job.stops)
         self.matcher = server.core.rails.matcher()
@@ -91,7 +91,7 @@ class CompletionRun:
         context leaves after the prompt, as llama.cpp's server does; a prompt that leaves nothing is ``too_long``."""
         server, job = self.server, self.job
         backend = server.backend
-        server._ensure_adapter(job.adapter, job.request_id)
+        server.ensure_adapter(job.adapter, job.request_id)
         n_ctx = server.config.n_ctx
         prompt_tokens = backend.count_tokens(job.prompt)
         room = n_ctx - prompt_tokens

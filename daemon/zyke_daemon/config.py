@@ -14,12 +14,9 @@ from typing import Any
 
 from zyke.paths import DEFAULT_PORT, config_dir
 
-#: The adapter an NPC on the embedded model speaks with unless the game or the daemon's settings name
-#: another: the base model alone is a script-continuing text model, not an NPC. It ships inside the
-#: package (``zyke_daemon/shipped_adapters``, see ``adapters.SHIPPED_ADAPTERS``).
-DEFAULT_ADAPTER_NAME = "npc-default"
-#: The adapter name a game uses on ``npc.define`` / ``npc.say`` for "no adapter: the bare base model".
-BASE_ADAPTER = "base"
+# The default adapter's name and the reserved "base" (defined with the adapter registry, zyke_models.names).
+from zyke_models.names import BASE_ADAPTER as BASE_ADAPTER
+from zyke_models.names import DEFAULT_ADAPTER_NAME as DEFAULT_ADAPTER_NAME
 
 
 @dataclass(frozen=True)

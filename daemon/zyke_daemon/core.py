@@ -687,7 +687,7 @@ def error_frame(code: ErrorCode, message: str, request_id: str | None) -> dict[s
 
 def outcome_error(outcome: Any, request_id: str, timed_out: bool, timeout_s: float) -> DaemonError | None:
     """The typed error a generation's ``outcome`` ends in, or None when it is a result to serve. Shared by NPC lines
-    (``server._JobRun``) and HTTP completions (``completions.CompletionRun``): a typed error passes through, any other
+    (``worker.JobRun``) and HTTP completions (``completions.CompletionRun``): a typed error passes through, any other
     exception is logged and becomes ``internal``, and a reply cancelled by its timer is ``timeout`` (one that ended
     just in time is served)."""
     if isinstance(outcome, DaemonError):

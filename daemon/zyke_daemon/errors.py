@@ -1,19 +1,10 @@
-"""Typed errors of the daemon. Each carries the protocol error code the client will see."""
+"""Typed errors of the daemon. Each carries the protocol error code the client will see.
+
+Defined in ``zyke_models.errors``, because the adapter registry and the embedded model raise them too; the
+daemon's modules import them from here.
+"""
 
 from __future__ import annotations
 
-from zyke.protocol import ErrorCode
-
-
-class DaemonError(Exception):
-    """A request failed in a way the client should hear about as an error frame."""
-
-    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-
-
-class ModelLoadError(Exception):
-    """The model could not be found or loaded; raised at start-up, before any client connects."""
+from zyke_models.errors import DaemonError as DaemonError
+from zyke_models.errors import ModelLoadError as ModelLoadError

@@ -1,20 +1,39 @@
-"""A fair request queue: round-robin across clients, by priority. Pure data, no asyncio.
+"""A fair request queue: round-robin across clients, by priority, and who may join a running batch. Pure data, no
+asyncio.
 
 One model context generates one reply at a time, so who goes next matters: a client that queues
 eight requests must not starve a client that queued one. Each client has its own FIFO and the
 scheduler takes from the clients in turn. On top of that, ``PriorityQueue`` keeps one such queue per
 priority (foreground, normal, background): the NPC the player is talking to goes before ambient
 chatter, and ageing (``level_order``) keeps the chatter from waiting forever (docs/SCHEDULING.md).
+``admits`` is the rule for a request joining a lockstep batch that already runs, and ``SharedPriorityQueue`` the
+one queue the event loop fills and the model thread pops (worker.py), under one lock.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Callable, Container, Hashable, Sequence
+from typing import Final, Generic, TypeVar
 
 T = TypeVar("T")
+
+#: The adapter of a batch that nothing runs in yet: any adapter may start it (``admits``; a batching backend's
+#: ``take(n, adapter)`` is handed it, ``backends.base`` re-exports it).
+ANY_ADAPTER: Final = object()
+
+
+def admits(job_adapter: str | None, job_key: Hashable, batch_adapter: object,
+           active_keys: Container[Hashable]) -> bool:
+    """Whether a queued request may join a running lockstep batch (pure; the batch admission rule).
+
+    It joins when it uses the batch's adapter (a batch cannot mix adapters; ``ANY_ADAPTER``: nothing runs yet, so
+    any adapter may start it) and its NPC (``job_key``, the client and the NPC) has no reply in the batch that is
+    not finished yet: its prompt must include that reply. That only a client's oldest request is considered (a
+    client's own order is never jumped) is the queue's part (``FairQueue.pop`` with ``accept``)."""
+    return (batch_adapter is ANY_ADAPTER or job_adapter == batch_adapter) and job_key not in active_keys
 
 
 class FairQueue(Generic[T]):
@@ -200,3 +219,47 @@ class PriorityQueue(Generic[T]):
         for c, k in [ck for ck in self._where if ck[0] == client]:
             self._counts[self._where.pop((c, k))[0]] -= 1
         return [item for level in self._levels for item in level.drain(client)]
+
+
+class SharedPriorityQueue(PriorityQueue[T]):
+    """A ``PriorityQueue`` two threads share: the event loop pushes, removes and drains, the model thread pops
+    (worker.py). Each call holds ``lock`` (an ``accept`` callback runs under it), so a request is taken by exactly
+    one of them: a pop and a removal never both get it. Same behaviour as ``PriorityQueue`` otherwise."""
+
+    def __init__(self, starve_after: int = 4) -> None:
+        super().__init__(starve_after)
+        #: held by every call; re-entrant, so a caller may hold it across several (push, then note the rank)
+        self.lock = threading.RLock()
+
+    def __len__(self) -> int:
+        with self.lock:
+            return super().__len__()
+
+    def depths(self) -> list[int]:
+        with self.lock:
+            return super().depths()
+
+    def count(self, client: Hashable) -> int:
+        with self.lock:
+            return super().count(client)
+
+    def rank(self, client: Hashable, key: str) -> int | None:
+        with self.lock:
+            return super().rank(client, key)
+
+    def push(self, client: Hashable, key: str, item: T, rank: int = NORMAL, group: Hashable | None = None) -> int:
+        with self.lock:
+            return super().push(client, key, item, rank, group)
+
+    def pop_ranked(self, accept: Callable[[T], bool] | None = None,
+                   max_rank: int = BACKGROUND) -> tuple[T, int] | None:
+        with self.lock:
+            return super().pop_ranked(accept, max_rank)
+
+    def remove(self, client: Hashable, key: str) -> T | None:
+        with self.lock:
+            return super().remove(client, key)
+
+    def drain(self, client: Hashable) -> list[T]:
+        with self.lock:
+            return super().drain(client)

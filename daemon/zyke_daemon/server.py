@@ -1,9 +1,10 @@
-"""The asyncio shell around the sans-I/O core: WebSockets, HTTP, and the model thread.
+"""The asyncio shell around the sans-I/O core: WebSockets and HTTP.
 
-Everything that decides anything lives in core.py. This module moves bytes: it feeds messages to a
-ConnectionCore, sends the frames it returns through one ordered outbox per connection, and runs
-generation jobs one at a time on a single model thread (a llama.cpp context is not thread-safe),
-taking jobs from a PriorityQueue: foreground first, clients in turn within a priority.
+Everything that decides anything lives in core.py (and scheduler.py). This module moves bytes: it feeds messages
+to a ConnectionCore, sends the frames it returns through one ordered outbox per connection, and hands generation
+jobs to the worker (worker.py), which owns the one model thread, the backend and adapters, and pops the shared
+queue itself (foreground first, clients in turn within a priority); the worker posts deltas and completions back
+to the loop as events. Timers (timeouts, deadlines) and each connection's job bookkeeping stay here, on the loop.
 
 uvicorn serves the port (one ASGI app, http_api.py): WebSockets come back here through a small adapter
 (asgi_ws.py), and the HTTP API's generation requests join the same queue as virtual connections.
@@ -20,31 +21,21 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any
 
 import uvicorn
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 from zyke.paths import runtime_path
-from zyke.prompt_format import END_OF_REPLY
-from zyke.protocol import AdapterInfo, Adapters, ErrorCode, ReplyDelta, dump_frame
+from zyke.protocol import AdapterInfo, Adapters, ErrorCode, dump_frame
 
 from . import __version__, experience
 from .adapters import AdapterRegistry
 from .asgi_ws import AsgiWebSocket, Receive, Scope, WsProtocol, refuse
 from .asgi_ws import Send as AsgiSend
-from .backends.base import (
-    ANY_ADAPTER,
-    Backend,
-    BatchingBackend,
-    BatchItem,
-    IdlePrefillBackend,
-    TakeItems,
-    run_batch_of_one,
-)
-from .completions import CompletionJob, CompletionResult, CompletionRun
+from .backends.base import Backend
+from .completions import CompletionResult
 from .config import DaemonConfig
 from .core import (
     AdapterOp,
@@ -56,12 +47,12 @@ from .core import (
     Send,
     Submit,
     error_frame,
-    outcome_error,
 )
-from .errors import DaemonError, ModelLoadError
+from .errors import DaemonError
 from .metrics import Metrics
-from .scheduler import BACKGROUND, FOREGROUND, PRIORITIES, PriorityQueue
+from .scheduler import PRIORITIES
 from .sessions import SessionStore
+from .worker import Job, Peer, Worker
 
 log = logging.getLogger(__name__)
 
@@ -184,23 +175,22 @@ class DaemonServer:
         self.sessions = sessions
         self.token = token
         self._load = load
-        self.backend: Backend | None = None
         self.core: DaemonCore | None = None
         self.load_error: BaseException | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.metrics = Metrics()
-        self.queue: PriorityQueue[SayJob] = PriorityQueue(config.starve_after)
-        self._work = asyncio.Event()
         self._peers: dict[int, _Peer] = {}
+        #: the model side: the model thread, the backend, adapters, the batch loop (worker.py)
+        self.worker = Worker(config, registry, self.metrics, self._peers, self._drop_expired)
+        #: the one job queue, shared with the model thread (pushed and removed here, popped there)
+        self.queue = self.worker.queue
         self._open = 0  # WebSocket connections being handled, those waiting for the model included
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zyke-model")
         self._server: uvicorn.Server | None = None
         self._sockets: list[socket.socket] = []
         self._ticker: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         #: HTTP requests waiting for the model (http_api.py), capped by max_connections like WebSockets
         self.http_inflight = 0
-        self._dispatcher: asyncio.Task[None] | None = None
         self._loader: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
@@ -235,7 +225,6 @@ class DaemonServer:
         self._server = server
         self._ticker = asyncio.create_task(server.main_loop(), name="zyke-http-tick")  # Date headers
         self.port = self._sockets[0].getsockname()[1]
-        self._dispatcher = asyncio.create_task(self._dispatch(), name="zyke-dispatch")
         self._loader = asyncio.create_task(self._load_model(), name="zyke-load")
         if self._write_runtime:
             path = runtime_path()
@@ -249,23 +238,23 @@ class DaemonServer:
                         "daemon (the token guards NPCs, /health and /metrics need none). Use --host 127.0.0.1 "
                         "unless that is what you want.", self.config.host)
 
+    @property
+    def backend(self) -> Backend | None:
+        """The loaded backend (the worker's), or None while the model loads or when it failed to."""
+        return self.worker.backend
+
     async def _load_model(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            self.backend = await loop.run_in_executor(self._executor, self._load)
+            backend = await self.worker.load(self._load)
         except BaseException as exc:
             self.load_error = exc
             self.ready.set_exception(exc)
             return
-        if self.backend.supports_batching:  # how its batch treats priorities (docs/SCHEDULING.md)
-            backend = cast(BatchingBackend, self.backend)
-            backend.foreground_solo_tokens = self.config.foreground_solo_tokens
-            backend.starve_after = self.config.starve_after
-            backend.background_tokens_per_s = self.config.background_tokens_per_s
-        self.core = DaemonCore(self.config, self.sessions, self.token, self.backend.model, self.backend.name,
+        self.core = DaemonCore(self.config, self.sessions, self.token, backend.model, backend.name,
                                adapters=self._adapters, default_adapter=self._default_adapter())
+        self.worker.start(self.core)
         self.ready.set_result(None)
-        log.info("model %s ready on %s", self.backend.model.name, self.backend.name)
+        log.info("model %s ready on %s", backend.model.name, backend.name)
 
     def _default_adapter(self) -> str | None:
         """The configured default adapter if it is registered for the model being served, else None (logged):
@@ -284,17 +273,6 @@ class DaemonServer:
     def _adapters(self) -> list[AdapterInfo]:
         return self.registry.infos(self.backend.loaded_adapters if self.backend else [])
 
-    def _ensure_adapter(self, name: str | None, request_id: str | None) -> None:
-        """Model thread: load a registered adapter on first use (checked against this base and its hashes)."""
-        backend = self.backend
-        if name is None or backend is None or name in backend.loaded_adapters:
-            return
-        path = self.registry.resolve(name, backend.fingerprint, backend.adapter_kind, request_id)
-        try:
-            backend.load_adapter(name, path)
-        except ModelLoadError as exc:
-            raise DaemonError(ErrorCode.ADAPTER_REJECTED, str(exc), request_id) from exc
-
     async def serve_forever(self) -> None:
         """Run until stopped; raises the model's load error if it could not be loaded."""
         assert self._server is not None
@@ -309,14 +287,11 @@ class DaemonServer:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._ticker
         self._closed.set()
-        for task in (self._dispatcher, self._loader):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        if self.backend is not None:
-            self.backend.close()
+        if self._loader is not None:
+            self._loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loader
+        await self.worker.stop()  # the model thread's work in hand ends first, then the backend closes
         if self._write_runtime:
             runtime = runtime_path()
             with contextlib.suppress(OSError, ValueError):
@@ -456,12 +431,11 @@ class DaemonServer:
                 # one waited minutes with no timeout)
                 job.timer = asyncio.get_running_loop().call_later(
                     self.config.request_timeout_s, self._expire, peer, job)
-                job.queued_rank = self.queue.push(peer.core.conn_id, job.request_id, job, job.rank, group=job.npc_id)
+                self.worker.submit(peer.core.conn_id, job)  # the model thread may take it from here on
                 if job.deadline_at is not None:  # dropped when still queued then (docs/SCHEDULING.md)
                     asyncio.get_running_loop().call_later(max(job.deadline_at - time.monotonic(), 0),
                                                           self._deadline, peer, job)
                 self.metrics.queue_depth.set(len(self.queue))
-                self._work.set()
             case CancelJob(job):
                 if self.queue.remove(peer.core.conn_id, job.request_id) is not None:
                     if job.timer is not None:
@@ -496,221 +470,24 @@ class DaemonServer:
             self.metrics.queue_depth.set(len(self.queue))
             self._drop_expired(peer, job)
 
-    def _drop_expired(self, peer: _Peer, job: SayJob) -> None:
+    def _drop_expired(self, peer: Peer, job: Job) -> None:
+        """Answer a job still queued past its deadline with ``expired`` (loop thread: from its deadline timer, or
+        posted by the worker when the model thread popped it late)."""
         if job.timer is not None:
             job.timer.cancel()
-        peer.core.job_done(job)
+        peer.core.job_done(job)  # type: ignore[arg-type]  # a completion's job is done as an NPC line's is
         self.metrics.expired.labels(PRIORITIES[job.rank]).inc()
         waited_ms = (time.monotonic() - job.enqueued_at) * 1000
         peer.send(error_frame(ErrorCode.EXPIRED, f"dropped unanswered: it waited {waited_ms:.0f} ms in the queue, "
                               f"past its deadline ({PRIORITIES[job.rank]} priority)", job.request_id))
 
-    def _popped(self, peer: _Peer | None, job: SayJob, rank: int) -> bool:
-        """Bookkeeping for a job taken off the queue; whether it should run (False: gone, cancelled, expired)."""
-        job.queued_rank = rank
-        if peer is None or job.cancel.is_set():
-            return False
-        if job.deadline_at is not None and time.monotonic() >= job.deadline_at:
-            self._drop_expired(peer, job)  # its timer has not fired yet
-            return False
-        self.metrics.queue_wait.labels(PRIORITIES[job.rank]).observe(time.monotonic() - job.enqueued_at)
-        return True
-
     async def _adapter_op(self, peer: _Peer, op: AdapterOp) -> None:
-        def run() -> None:
-            if op.op == "load":
-                self._ensure_adapter(op.name, op.request_id)
-            elif self.backend is not None:
-                self.backend.unload_adapter(op.name)
-
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, run)
+            await self.worker.adapter_op(op)  # on the model thread, between batches
         except DaemonError as exc:
             peer.send(error_frame(exc.code, exc.message, op.request_id))
             return
         peer.send(dump_frame(Adapters(id=op.request_id, adapters=self._adapters())))
-
-    # -- the model thread
-
-    async def _dispatch(self) -> None:
-        while True:
-            popped = self.queue.pop_ranked()
-            if popped is None:
-                self._work.clear()
-                await self._work.wait()
-                continue
-            job, rank = popped
-            self.metrics.queue_depth.set(len(self.queue))
-            peer = self._peers.get(job.conn.conn_id)
-            if not self._popped(peer, job, rank):
-                continue
-            assert peer is not None
-            follow_ups = await self._run_batch(peer, job)
-            for follow_up in follow_ups:
-                if follow_up is not None and not len(self.queue):
-                    await self._prefill_idle(*follow_up)
-
-    def _job_run(self, peer: _Peer, job: SayJob) -> Any:
-        """The run of a queued job: an NPC line's, or an HTTP API completion's (completions.py)."""
-        if isinstance(job, CompletionJob):
-            return CompletionRun(self, peer, job)
-        return _JobRun(self, peer, job)
-
-    async def _prefill_idle(self, text: str, adapter: str | None) -> None:
-        """While nobody waits, let the backend evaluate the conversation so far (the next turn's prompt
-        starts with it); it stops between chunks as soon as a request is queued."""
-        if self.backend is None or not self.backend.supports_idle_prefill:
-            return
-        prefill = cast(IdlePrefillBackend, self.backend).prefill_idle
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, prefill, text, adapter, lambda: len(self.queue) > 0)
-        except Exception:  # only a cache warm-up: the next turn evaluates its prompt anyway
-            log.exception("idle prefill failed")
-
-    async def _run_batch(self, peer: _Peer, job: SayJob) -> list[tuple[str, str | None] | None]:
-        """Run ``job`` and every request that can join it in one lockstep batch (a backend that
-        ``supports_batching``); on any other backend ``job`` is a batch of one (``run_batch_of_one``).
-
-        A request joins when it is the oldest of its client's queue, uses the batch's adapter, and its
-        NPC is not already in the batch (its prompt must include that NPC's previous reply)."""
-        loop = asyncio.get_running_loop()
-        follow_ups: list[tuple[str, str | None] | None] = []
-        active: dict[tuple[object, str], _JobRun] = {}
-        widest = 0
-
-        def item(peer: _Peer, job: SayJob) -> BatchItem:
-            nonlocal widest
-            run = self._job_run(peer, job)
-            key = (job.conn.conn_id, job.npc_id)
-            active[key] = run
-            widest = max(widest, len(active))
-
-            def finish(outcome: Any) -> None:
-                if active.pop(key, None) is not None:
-                    follow_ups.append(run.finish(outcome))
-
-            return BatchItem(run.prepare, run.on_text, lambda outcome: loop.call_soon_threadsafe(finish, outcome),
-                             priority=job.queued_rank if job.queued_rank is not None else job.rank)
-
-        first = [item(peer, job)]
-
-        async def more(n: int, adapter: object, max_rank: int = BACKGROUND) -> list[BatchItem]:
-            wanted = [adapter]  # ANY_ADAPTER until the first request taken here sets it
-
-            def fits(job: SayJob) -> bool:
-                if job.cancel.is_set() or job.conn.conn_id not in self._peers:
-                    return True  # popped and dropped below, as the dispatcher would
-                return ((wanted[0] is ANY_ADAPTER or job.adapter == wanted[0])
-                        and (job.conn.conn_id, job.npc_id) not in active)
-
-            out: list[BatchItem] = []
-            while len(out) < n and (popped := self.queue.pop_ranked(fits, max_rank)) is not None:
-                job, rank = popped
-                joiner = self._peers.get(job.conn.conn_id)
-                if self._popped(joiner, job, rank):
-                    assert joiner is not None
-                    wanted[0] = job.adapter
-                    out.append(item(joiner, job))
-            self.metrics.queue_depth.set(len(self.queue))
-            return out
-
-        def take(n: int, adapter: object) -> list[BatchItem]:  # on the model thread
-            if first:
-                return [first.pop()]
-            if not len(self.queue):
-                return []
-            return asyncio.run_coroutine_threadsafe(more(n, adapter), loop).result()
-
-        def preempt(n: int, adapter: object) -> list[BatchItem]:  # on the model thread, before every step
-            if not self.queue.waiting(FOREGROUND):
-                return []
-            return asyncio.run_coroutine_threadsafe(more(n, adapter, FOREGROUND), loop).result()
-
-        backend = self.backend
-        assert backend is not None
-        batching = backend.supports_batching
-
-        def run(take: TakeItems, preempt: TakeItems) -> None:  # on the model thread
-            if batching:
-                cast(BatchingBackend, backend).run_batch(take, preempt=preempt)
-            else:
-                run_batch_of_one(backend, take)
-
-        preempted = backend.preemptions
-        try:
-            await loop.run_in_executor(self._executor, run, take, preempt)
-        except Exception as exc:  # a bug in the batch loop itself
-            log.exception("batch failed")
-            await asyncio.sleep(0)
-            for key in list(active):  # every reply still without an outcome gets an error frame
-                finish_run = active.pop(key)
-                follow_ups.append(finish_run.finish(exc))
-        await asyncio.sleep(0)  # let the last replies' finish callbacks run
-        if batching:  # a batch of one is no lockstep batch: the metric stays the batching backend's
-            self.metrics.batch_size.observe(widest)
-            self.metrics.preemptions.inc(backend.preemptions - preempted)
-        return follow_ups
-
-
-class _JobRun:
-    """One say job in the model: its timeout, its streamed deltas, and the frame that ends it."""
-
-    def __init__(self, server: DaemonServer, peer: _Peer, job: SayJob) -> None:
-        self.server, self.peer, self.job = server, peer, job
-        self.loop = asyncio.get_running_loop()
-        job.started_at = time.monotonic()
-        self.index = 0
-        self.assembler: Any = None
-        self.prompt = ""
-
-    def prepare(self) -> Any:
-        """The generation request (model thread: it may load the job's adapter)."""
-        core, backend = self.server.core, self.server.backend
-        assert core is not None and backend is not None
-        self.assembler = core.assembler(self.job)
-        self.server._ensure_adapter(self.job.adapter, self.job.request_id)
-        request = core.prepare(self.job, backend.count_tokens, self.server.config.n_ctx)
-        self.prompt = request.prompt
-        return request
-
-    def on_text(self, piece: str) -> bool:
-        delta, keep_going = self.assembler.feed(piece)
-        if delta and self.job.frame.stream:
-            self.loop.call_soon_threadsafe(self._send_delta, delta)
-        return keep_going
-
-    def _send_delta(self, text: str) -> None:
-        job = self.job
-        self.peer.send(dump_frame(ReplyDelta(id=job.request_id, npc=job.npc_id, text=text, index=self.index)))
-        self.index += 1
-
-    def finish(self, outcome: Any) -> tuple[str, str | None] | None:
-        """Send the reply (or the error) for ``outcome``, a GenerationResult or an exception; returns what
-        to prefill while idle (this prompt and its reply), if anything. Loop thread."""
-        job, peer, core, metrics = self.job, self.peer, self.server.core, self.server.metrics
-        assert core is not None
-        if job.timer is not None:
-            job.timer.cancel()
-        try:
-            error = outcome_error(outcome, job.request_id, job.timed_out, self.server.config.request_timeout_s)
-            if error is not None:
-                raise error
-            frame = core.finish(job, outcome, self.assembler)
-        except DaemonError as exc:
-            peer.send(error_frame(exc.code, exc.message, job.request_id))
-            return None
-        finally:
-            peer.core.job_done(job)
-        metrics.tokens.inc(outcome.completion_tokens)
-        metrics.ttft.observe(outcome.ttft_s)
-        metrics.latency.observe(time.monotonic() - job.enqueued_at)
-        metrics.count_safety(job.safety)
-        peer.send(frame)
-        experience.record_reply(core, job)  # queued for the recorder's thread when the daemon and the NPC record
-        if outcome.finish_reason != "stop":
-            return None  # a cut-off reply is not what the history will hold
-        return self.prompt + outcome.text + END_OF_REPLY, job.adapter
 
 
 _WILDCARD_HOSTS = {"0.0.0.0", "::", ""}

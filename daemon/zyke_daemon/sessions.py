@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zyke.protocol import ErrorCode, NpcSpec, NpcState, Turn
+from zyke_models.files import atomic_write_text, move_aside
 
 from .errors import DaemonError
-from .files import atomic_write_text, move_aside
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from lora_fixtures import make_random_lora
 from zyke_daemon.adapters import AdapterRegistry
 from zyke_daemon.backends.llamacpp import LlamaCppBackend
-from zyke_daemon.embedded import embedded_model_path
+from zyke_models.embedded import embedded_model_path
 
 
 def median_ms(samples: list[float]) -> float:

@@ -65,7 +65,7 @@ from zyke.prompt_format import END_OF_REPLY, render_prompt, reply_schema  # noqa
 from zyke.protocol import NpcReply, NpcSpec, Turn  # noqa: E402
 from zyke_daemon.backends.base import GenerationRequest, GenerationResult  # noqa: E402
 from zyke_daemon.backends.llamacpp import LlamaCppBackend  # noqa: E402
-from zyke_daemon.embedded import embedded_model_path  # noqa: E402
+from zyke_models.embedded import embedded_model_path  # noqa: E402
 
 NPCS = [
     NpcSpec(id="mira", name="Mira", persona="A cheerful innkeeper in a mountain village.",

@@ -1,7 +1,7 @@
 """Export, register and merge LoRA adapters: the last step from a trained PEFT adapter to a served one.
 
-Registration goes through the daemon's own registry (``zyke_daemon.adapters``), so what training writes
-is exactly what the daemon checks when it loads: base fingerprint, file hashes, the GGUF twin.
+Registration goes through the registry the daemon serves from (``zyke_models.adapters``), so what training
+writes is exactly what the daemon checks when it loads: base fingerprint, file hashes, the GGUF twin.
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from zyke.paths import data_dir
-from zyke_daemon.adapters import SHIPPED_ADAPTERS, AdapterEntry, AdapterRegistry
-from zyke_daemon.errors import DaemonError
-from zyke_daemon.lora_gguf import export_peft_to_gguf
+from zyke_models.adapters import SHIPPED_ADAPTERS, AdapterEntry, AdapterRegistry
+from zyke_models.embedded import embedded_model_path, sha256_file
+from zyke_models.errors import DaemonError
+from zyke_models.hf_checkpoint import base_fingerprint, embedded_hf_checkpoint
+from zyke_models.lora_gguf import export_peft_to_gguf
 
 from .errors import AdapterError
 
@@ -49,12 +51,10 @@ def export_gguf(peft_dir: Path, out: Path | None = None, arch: str = "gemma3") -
 
 def register(name: str, peft_dir: Path, base: Path | None = None, arch: str = "gemma3") -> AdapterEntry:
     """Register an adapter for the daemon, fingerprinted against ``base`` (default: the embedded model)."""
-    from zyke_daemon.embedded import embedded_model_path, sha256_file
-
     if base is None:
         path, sha = embedded_model_path()
         return default_registry().register(name, peft_dir, f"sha256:{sha}", base_name=path.name, arch=arch)
-    fingerprint = _fingerprint(base) if base.is_dir() else f"sha256:{sha256_file(base)}"
+    fingerprint = base_fingerprint(base) if base.is_dir() else f"sha256:{sha256_file(base)}"
     return default_registry().register(name, peft_dir, fingerprint, base_name=base.name, arch=arch)
 
 
@@ -64,21 +64,10 @@ def merge(peft_dir: Path, out: Path, base: Path | None = None) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_dir = base or _embedded_checkpoint()
+    base_dir = base or embedded_hf_checkpoint()
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(peft_dir)).merge_and_unload()
     merged.save_pretrained(str(out))
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out))
     return out
 
-
-def _embedded_checkpoint() -> Path:
-    from zyke_daemon.hf_checkpoint import embedded_hf_checkpoint
-
-    return embedded_hf_checkpoint()
-
-
-def _fingerprint(path: Path) -> str:
-    from zyke_daemon.hf_checkpoint import base_fingerprint
-
-    return base_fingerprint(path)

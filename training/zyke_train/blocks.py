@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from zyke_daemon.embedded import sha256_file
+from zyke_models.embedded import sha256_file
 
 MANIFEST = "manifest.json"
 TENSOR = "input_ids"
@@ -47,7 +47,7 @@ def load_tokenizer(name: str | None) -> tuple[Any, str]:
     from transformers import AutoTokenizer
 
     if name is None:
-        from zyke_daemon.hf_checkpoint import base_fingerprint, embedded_hf_checkpoint
+        from zyke_models.hf_checkpoint import base_fingerprint, embedded_hf_checkpoint
 
         path = embedded_hf_checkpoint()
         return AutoTokenizer.from_pretrained(str(path)), f"embedded:{path.name} ({base_fingerprint(path)})"

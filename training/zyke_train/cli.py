@@ -133,8 +133,8 @@ def register_cmd(name: str, peft_dir: Path, base: Path | None, arch: str) -> Non
               help="Its `zyke-train evaluate --report` JSON: the table is recorded in the manifest.")
 @click.option("--recipe", default=None, help="The command that reproduces it, recorded in the manifest.")
 def ship_cmd(peft_dir: Path, name: str | None, report_path: Path | None, recipe: str | None) -> None:
-    """Ship an adapter inside the daemon package (zyke_daemon/shipped_adapters), in half precision."""
-    from zyke_daemon.config import DEFAULT_ADAPTER_NAME
+    """Ship an adapter inside the installed package (zyke_models/shipped_adapters), in half precision."""
+    from zyke_models.names import DEFAULT_ADAPTER_NAME
 
     from .ship import load_report, ship
 
@@ -547,7 +547,7 @@ def trainer_serve_cmd(host: str, port: int, port_file: Path | None, base: Path |
         raise click.UsageError("give --data (examples), --blocks (a zyke-train blocks folder) or both")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if base is None:
-        from zyke_daemon.hf_checkpoint import embedded_hf_checkpoint
+        from zyke_models.hf_checkpoint import embedded_hf_checkpoint
 
         base = embedded_hf_checkpoint()
     split = [t for value in tokens for t in value.split()]

@@ -201,7 +201,7 @@ def open_backend(kind: str, model: str | None, threads: int | None, n_ctx: int =
     """The daemon's own backend class, as the daemon would build it for ``--backend kind``."""
     if kind == "llama.cpp":
         from zyke_daemon.backends.llamacpp import LlamaCppBackend
-        from zyke_daemon.embedded import resolve_model
+        from zyke_models.embedded import resolve_model
 
         path, sha256 = resolve_model(model)
         return LlamaCppBackend(path, sha256=sha256, n_ctx=n_ctx, n_threads=threads)
@@ -222,7 +222,7 @@ def run_npc_eval(scenarios: Sequence[Scenario], adapters: Sequence[str | None], 
     with greedy decoding; ``groups`` (name -> scenario ids) adds per-group summaries (seen/unseen)."""
     from zyke.prompt_format import render_prompt, reply_schema
     from zyke_daemon.backends.base import GenerationRequest
-    from zyke_daemon.errors import DaemonError
+    from zyke_models.errors import DaemonError
 
     from .adapters import default_registry
 
@@ -500,9 +500,9 @@ def run_lm_eval(tasks: Sequence[str], model_dir: str | None, peft_dir: Path | No
 def peft_dir_for(name: str, registry: Any = None, model: str | None = None) -> Path:
     """The registered adapter's PEFT directory, checked against the fingerprint of the base it will run on:
     ``model`` (a checkpoint directory or GGUF file, as ``--model`` gives it) or the embedded base."""
-    from zyke_daemon.embedded import embedded_model_path
-    from zyke_daemon.errors import DaemonError
-    from zyke_daemon.hf_checkpoint import base_fingerprint
+    from zyke_models.embedded import embedded_model_path
+    from zyke_models.errors import DaemonError
+    from zyke_models.hf_checkpoint import base_fingerprint
 
     from .adapters import default_registry
 

@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from zyke_daemon.adapters import AdapterEntry
-from zyke_daemon.embedded import sha256_file
+from zyke_models.adapters import AdapterEntry
+from zyke_models.embedded import sha256_file
 
 from .adapters import default_registry
 

@@ -1,7 +1,7 @@
-"""Ship an adapter inside the daemon package: the default NPC every game gets on the embedded model.
+"""Ship an adapter inside the installed package: the default NPC every game gets on the embedded model.
 
 ``zyke-train ship build/npc-default/adapter --report training/reports/npc_default_eval.json`` writes the
-adapter into ``zyke_daemon/shipped_adapters/`` (an adapter root with its own ``manifest.json``), in half
+adapter into ``zyke_models/shipped_adapters/`` (an adapter root with its own ``manifest.json``), in half
 precision (the PEFT safetensors and the GGUF twin are about 5 MB each instead of 10), with the base
 fingerprint and sha256 of every file as any registered adapter has, plus the command that made it and
 its evaluation table, so what ships says how it was made and how good it is.
@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from zyke_daemon.adapters import PEFT_FILES, SHIPPED_ADAPTERS, AdapterEntry, AdapterRegistry
-from zyke_daemon.config import DEFAULT_ADAPTER_NAME
+from zyke_models.adapters import PEFT_FILES, SHIPPED_ADAPTERS, AdapterEntry, AdapterRegistry
+from zyke_models.names import DEFAULT_ADAPTER_NAME
 
 
 def half_precision_copy(peft_dir: Path, out: Path) -> Path:
@@ -43,7 +43,7 @@ def evaluation_summary(report: dict[str, Any], label: str) -> dict[str, Any]:
 def ship(peft_dir: Path, name: str = DEFAULT_ADAPTER_NAME, root: Path = SHIPPED_ADAPTERS,
          recipe: str | None = None, report: dict[str, Any] | None = None) -> AdapterEntry:
     """Register ``peft_dir`` under ``name`` in the shipped root, fingerprinted against the embedded model."""
-    from zyke_daemon.embedded import embedded_model_path
+    from zyke_models.embedded import embedded_model_path
 
     missing = [f for f in PEFT_FILES if not (peft_dir / f).is_file()]
     if missing:

@@ -109,7 +109,7 @@ def resolve_model(model: str | None) -> str:
     transformers checkpoint (converted from the shipped GGUF on first use)."""
     if model:
         return model
-    from zyke_daemon.hf_checkpoint import embedded_hf_checkpoint
+    from zyke_models.hf_checkpoint import embedded_hf_checkpoint
 
     return str(embedded_hf_checkpoint())
 
@@ -131,11 +131,9 @@ def load_model(config: TrainConfig, device_type: str) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs: dict[str, Any] = {}
     if config.qlora:
-        from transformers import BitsAndBytesConfig
+        from zyke_models.quantization import quantization_config
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["quantization_config"] = quantization_config("4bit", torch.bfloat16)  # the daemon's 4-bit NF4
         kwargs["dtype"] = torch.bfloat16
     else:
         use_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from zyke.protocol import ModelInfo
 
+from ..scheduler import ANY_ADAPTER as _ANY_ADAPTER
+
 if TYPE_CHECKING:
     from llguidance import LLTokenizer
 
@@ -71,8 +73,9 @@ class GenerationResult:
 #: Called with each decoded piece of text; returns False to stop generating (a stop string was hit).
 OnText = Callable[[str], bool]
 
-#: A batching backend's adapter filter when nothing runs yet: any adapter may start the batch.
-ANY_ADAPTER = object()
+#: A batching backend's adapter filter when nothing runs yet: any adapter may start the batch (the scheduler's
+#: sentinel: its batch admission rule, ``scheduler.admits``, reads the same one).
+ANY_ADAPTER = _ANY_ADAPTER
 
 
 @dataclass

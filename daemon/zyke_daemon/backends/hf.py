@@ -35,6 +35,7 @@ import torch
 from llguidance.hf import from_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from zyke.protocol import ModelInfo
+from zyke_models.quantization import quantization_config
 
 from ..errors import ModelLoadError
 from .base import GenerationRequest, GenerationResult, OnText
@@ -42,7 +43,6 @@ from .decoding import decode
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = (None, "4bit", "8bit")
 #: Row name PEFT's mixed-adapter batches use for "no adapter".
 BASE_ROW = "__base__"
 
@@ -84,22 +84,6 @@ def pick_attention(requested: str | None, device: torch.device) -> str:
     return requested
 
 
-def quantization_config(quantization: str | None, compute_dtype: torch.dtype) -> Any:
-    """bitsandbytes 4-bit (NF4, for the weights; compute in ``compute_dtype``) or 8-bit, or None."""
-    if quantization not in QUANTIZATIONS:
-        raise ModelLoadError(f"unknown quantization {quantization!r}; use 4bit or 8bit")
-    if quantization is None:
-        return None
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError(f"{quantization} quantization needs bitsandbytes: pip install 'zyke[gpu]'")
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
 class TransformersBackend:
     name = "transformers"
     adapter_kind: Literal["gguf", "peft"] = "peft"  # loads an adapter's PEFT directory (llama.cpp its GGUF export)
@@ -112,7 +96,7 @@ class TransformersBackend:
     def __init__(self, model: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype = "auto",
                  quantization: str | None = None, attn_implementation: str | None = None, compile: bool = False,
                  max_loaded_adapters: int = 8) -> None:
-        from ..hf_checkpoint import MARKER, embedded_hf_checkpoint
+        from zyke_models.hf_checkpoint import MARKER, embedded_hf_checkpoint
 
         if model is None:
             model = embedded_hf_checkpoint()
@@ -290,7 +274,7 @@ class TransformersBackend:
 
 def _fingerprint(source: str) -> str:
     """base_fingerprint of a local checkpoint, or of the Hub snapshot transformers just downloaded."""
-    from ..hf_checkpoint import base_fingerprint
+    from zyke_models.hf_checkpoint import base_fingerprint
 
     path = Path(source)
     if not path.exists():

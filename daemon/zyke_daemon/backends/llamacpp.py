@@ -47,8 +47,8 @@ import numpy as np
 from llama_cpp._internals import LlamaModel
 from llama_cpp._utils import suppress_stdout_stderr
 from zyke.protocol import ModelInfo
+from zyke_models.embedded import sha256_file
 
-from ..embedded import sha256_file
 from ..errors import ModelLoadError
 from .base import ANY_ADAPTER, BatchItem, GenerationRequest, GenerationResult, OnText, TakeItems
 from .decoding import SequenceDecoder, decode

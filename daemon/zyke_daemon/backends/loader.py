@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from zyke_models.embedded import has_gguf_magic, resolve_model
+
 from ..config import DaemonConfig
-from ..embedded import resolve_model
 from ..errors import ModelLoadError
 from .base import Backend
 
@@ -61,7 +62,6 @@ def _load_transformers(config: DaemonConfig) -> Backend:
 
 def _is_gguf(path: Path) -> bool:
     try:
-        with path.open("rb") as fh:
-            return fh.read(4) == b"GGUF"
+        return has_gguf_magic(path)
     except OSError:  # a directory, a Hub name, or nothing there
         return False

@@ -160,7 +160,7 @@ def target_shapes(base: Path, targets: list[str]) -> dict[str, tuple[int, int]]:
 def load_blocks_manifest(path: Path) -> tuple[dict[str, Any], str]:
     """A blocks folder's manifest and its sha256, every shard's sha256 checked once at start: the trainer hands out
     references to these bytes, so it must not vouch for a shard that went missing or changed since ``blocks``."""
-    from zyke_daemon.embedded import sha256_file
+    from zyke_models.embedded import sha256_file
 
     try:
         manifest = read_manifest(path)
@@ -196,7 +196,7 @@ class Trainer:
     """State and logic behind the endpoints (usable without HTTP: the tests call it directly too)."""
 
     def __init__(self, config: TrainerConfig, register: Callable[[str, Path], None] | None = None) -> None:
-        from zyke_daemon.hf_checkpoint import base_fingerprint
+        from zyke_models.hf_checkpoint import base_fingerprint
 
         if config.aggregation not in aggregate.METHODS:
             raise ValueError(f"aggregation must be one of {aggregate.METHODS}")

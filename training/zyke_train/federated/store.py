@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import save
-from zyke_daemon.files import atomic_write_bytes
+from zyke_models.files import atomic_write_bytes, fsync_dir, write_bytes_synced
 
 from .validate import parse_safetensors
 
@@ -123,7 +123,7 @@ class RoundStore:
             fh.write(line.encode())
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self.accepted_ids.add(record.task_id)
         self.accepted_total += 1
         self.pending.append(PendingUpdate(record, {k: np.array(v) for k, v in delta.items()}))
@@ -169,14 +169,14 @@ class RoundStore:
         final = self.checkpoint_path(version)
         tmp = Path(tempfile.mkdtemp(prefix=f".v{version:06d}.", suffix=".partial", dir=self.checkpoints_dir))
         try:
-            _write_file_synced(tmp / ADAPTER_FILE, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
-            _write_file_synced(tmp / CONFIG_FILE, json.dumps(config, indent=2).encode())
-            _write_file_synced(tmp / "round.json", json.dumps(info, indent=2).encode())
-            _fsync_dir(tmp)
+            write_bytes_synced(tmp / ADAPTER_FILE, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
+            write_bytes_synced(tmp / CONFIG_FILE, json.dumps(config, indent=2).encode())
+            write_bytes_synced(tmp / "round.json", json.dumps(info, indent=2).encode())
+            fsync_dir(tmp)
             if final.exists():  # a checkpoint written before a kill, never made live: made again from the same inputs
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(self.checkpoints_dir)
+            fsync_dir(self.checkpoints_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -232,17 +232,3 @@ class RoundStore:
                 if int(path.name[1:]) < self.version - KEEP_CHECKPOINTS or int(path.name[1:]) > self.version:
                     shutil.rmtree(path, ignore_errors=True)
 
-
-def _write_file_synced(path: Path, data: bytes) -> None:
-    with path.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -243,7 +243,7 @@ def contribute(trainer_url: str, token: str | None, num_tasks: int = 1, base: Pa
     of the trainer's blocks folder, read for tasks that name blocks; a task whose blocks it cannot supply is
     reported as ``skipped`` (reason ``blocks_unavailable``) and the run goes on."""
     from safetensors.numpy import save
-    from zyke_daemon.hf_checkpoint import base_fingerprint, embedded_hf_checkpoint
+    from zyke_models.hf_checkpoint import base_fingerprint, embedded_hf_checkpoint
 
     from .validate import Rejected, parse_safetensors
 

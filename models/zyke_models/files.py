@@ -1,8 +1,8 @@
-"""The two file operations the daemon's state depends on: an atomic, fsynced write and moving a bad file aside.
+"""The file operations Zyke's state depends on: an atomic, fsynced write and moving a bad file aside.
 
-Sessions and adapter manifests share them so both keep the same promises: a crash mid-write never leaves a
-torn file, and a file that does not parse is kept for a human to look at (``<name>.corrupt-<unix time>``)
-instead of taking an NPC, or every request, down with it.
+Sessions, adapter manifests and the shared trainer's store share them so all keep the same promises: a crash
+mid-write never leaves a torn file, and a file that does not parse is kept for a human to look at
+(``<name>.corrupt-<unix time>``) instead of taking an NPC, or every request, down with it.
 """
 
 from __future__ import annotations
@@ -38,11 +38,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every platform)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
+
+
+def write_bytes_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` in place and fsync it: for a file inside a temporary directory that is renamed
+    into place whole afterwards (a checkpoint), where the rename is what makes it atomic."""
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so the renames and creations in it survive a crash; raises ``OSError`` where the platform
+    cannot (``atomic_write_bytes`` tolerates that, the shared trainer's store does not)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 #: What ``atomic_write_bytes`` names its temporary files: ``.<name>.<mkstemp's 8 characters>.tmp``.

@@ -18,6 +18,7 @@ adapter registry, which must work on a llama.cpp-only install.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .embedded import EMBEDDED_NAME, embedded_model_path, sha256_file
+from .embedded import EMBEDDED_NAME, embedded_model_path, has_gguf_magic, sha256_file
 from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -136,14 +137,14 @@ def base_fingerprint(path: Path) -> str:
         marker = path / MARKER
         if marker.is_file():
             try:
-                return "sha256:" + json.loads(marker.read_text())["source_sha256"]
+                source: str = json.loads(marker.read_text())["source_sha256"]
+                return "sha256:" + source
             except (ValueError, KeyError) as exc:
                 raise ValueError(f"{marker} is not a valid Zyke base marker") from exc
         return "sha256:" + _checkpoint_digest(path)
     if path.is_file():
-        with path.open("rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise ValueError(f"{path} is neither a GGUF file nor a transformers checkpoint directory")
+        if not has_gguf_magic(path):
+            raise ValueError(f"{path} is neither a GGUF file nor a transformers checkpoint directory")
         return "sha256:" + _file_digest(path)
     raise FileNotFoundError(f"no model at {path}")
 
@@ -173,7 +174,7 @@ def _checkpoint_digest(path: Path) -> str:
     for file in [config, *weights]:
         digest.update(file.name.encode() + b"\0")
         with file.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            for block in iter(functools.partial(fh.read, 1 << 20), b""):
                 digest.update(block)
         digest.update(b"\0")
     return digest.hexdigest()
