@@ -67,7 +67,7 @@ class AsgiWebSocket:
     @property
     def remote_address(self) -> tuple[str, int] | None:
         client = self.scope.get("client")
-        return tuple(client) if client else None  # type: ignore[return-value]
+        return tuple(client) if client else None
 
     def _closed(self) -> ConnectionClosedOK | ConnectionClosedError:
         code = self.close_code if self.close_code is not None else 1006

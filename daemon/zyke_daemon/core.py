@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, assert_never
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, assert_never
 
 from pydantic import TypeAdapter, ValidationError
 from zyke.experience import FEEDBACK_KIND, FORMAT_VERSION, MAX_FEEDBACK, REPLY_ID_PATTERN, label_problem
@@ -101,6 +101,12 @@ _BEFORE_HELLO = frozenset({"hello", "ping"})
 MAX_RECORDED_REPLIES = 10_000
 _REPLY_ID = re.compile(REPLY_ID_PATTERN)
 
+if TYPE_CHECKING:
+    from .completions import CompletionJob
+
+#: what a connection has in flight: npc.say lines, and on the server's HTTP peers completions (``http_api``)
+PendingJob: TypeAlias = "SayJob | CompletionJob"
+
 
 # --- actions the server carries out ---------------------------------------------------------------
 
@@ -112,12 +118,12 @@ class Send:
 
 @dataclass
 class Submit:
-    job: SayJob
+    job: PendingJob
 
 
 @dataclass
 class CancelJob:
-    job: SayJob
+    job: PendingJob
 
 
 @dataclass
@@ -402,7 +408,7 @@ class ConnectionCore:
         self.conn_id = conn_id
         self.authenticated = False
         self.game = "default"
-        self.pending: dict[str, SayJob] = {}
+        self.pending: dict[str, PendingJob] = {}
         self.auth_failures = 0
         # a token bucket: rate_limit_burst frames at once, rate_limit_per_s sustained
         self._allowance = float(daemon.config.rate_limit_burst)
@@ -431,7 +437,7 @@ class ConnectionCore:
             log.exception("connection %s: unexpected error on a frame", self.conn_id)
             return [Send(error_frame(ErrorCode.INTERNAL, "internal error; see the daemon log", request_id))]
 
-    def job_done(self, job: SayJob) -> None:
+    def job_done(self, job: PendingJob) -> None:
         self.pending.pop(job.request_id, None)
 
     def _within_rate(self) -> bool:
@@ -448,7 +454,7 @@ class ConnectionCore:
         self._allowance -= 1
         return True
 
-    def close(self) -> list[SayJob]:
+    def close(self) -> list[PendingJob]:
         """The socket is gone: every job of this connection must be cancelled."""
         jobs = list(self.pending.values())
         for job in jobs:

@@ -16,7 +16,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from copy import deepcopy
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -73,7 +73,8 @@ def _status(code: str) -> int:
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
+    headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
+    for key, value in headers:
         if key == name:
             return value.decode("latin-1")
     return None
@@ -377,7 +378,7 @@ def _routes(server: DaemonServer) -> FastAPI:
                 server.release(peer)
 
         try:
-            server._apply(peer, Submit(job))  # type: ignore[arg-type]  # queued as an NPC line is
+            server._apply(peer, Submit(job))
             first = await peer.events.get()
         except BaseException:
             release()
@@ -521,7 +522,8 @@ async def _say_all(server: DaemonServer, peer: HttpPeer, items: list[dict[str, A
 
     def npc_id(item: dict[str, Any]) -> str:
         npc = item["npc"]
-        return npc["id"] if isinstance(npc, dict) else npc
+        ident: str = npc["id"] if isinstance(npc, dict) else npc
+        return ident
 
     def submit(i: int) -> None:
         item, rid = items[i], ids[i]
@@ -609,7 +611,8 @@ def _bundle(schema: dict[str, Any]) -> dict[str, Any]:
             out = {**inlined, **out} if out else inlined
         return out
 
-    return walk(schema, schema["$id"])
+    bundled: dict[str, Any] = walk(schema, schema["$id"])
+    return bundled
 
 
 def _openapi(api: FastAPI) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
@@ -38,12 +38,13 @@ from .backends.base import Backend
 from .completions import CompletionResult
 from .config import DaemonConfig
 from .core import (
+    Action,
     AdapterOp,
     CancelJob,
     Close,
     ConnectionCore,
     DaemonCore,
-    SayJob,
+    RecordFeedback,
     Send,
     Submit,
     error_frame,
@@ -62,8 +63,8 @@ _WS_MAX_SIZE = 4 * 1024 * 1024
 
 
 #: How long a connection closed by a cap gets to take its close frame before the socket is dropped (a client
-#: that does not read never takes it).
-_CLOSE_GRACE_S = 2.0
+#: that does not read never takes it). Whole seconds: uvicorn types ``timeout_graceful_shutdown`` as an int.
+_CLOSE_GRACE_S = 2
 
 
 class _Peer:
@@ -417,7 +418,7 @@ class DaemonServer:
             peer.outbox.put_nowait(None)
             await writer
 
-    def _apply(self, peer: _Peer, action: Send | Submit | CancelJob | AdapterOp | Close) -> None:
+    def _apply(self, peer: _Peer, action: Action) -> None:
         match action:
             case Close(code, reason, cap):
                 peer.close(code, reason, cap)
@@ -447,10 +448,10 @@ class DaemonServer:
                 task = asyncio.create_task(self._adapter_op(peer, action))
                 self._tasks.add(task)  # keep a reference until done, or the loop may drop it
                 task.add_done_callback(self._tasks.discard)
-            case experience.RecordFeedback():  # appended off the loop, then answered ok (docs/EXPERIENCE.md)
-                experience.record_feedback(self.core, action, peer.send)
+            case RecordFeedback():  # appended off the loop, then answered ok (docs/EXPERIENCE.md)
+                experience.record_feedback(peer.core.daemon, action, peer.send)
 
-    def _expire(self, peer: _Peer, job: SayJob) -> None:
+    def _expire(self, peer: _Peer, job: Job) -> None:
         """``request_timeout_s`` after a say was queued: a job still waiting is answered ``timeout`` here; a
         running one is cancelled (the backend checks between prompt chunks and tokens) and answered by its run."""
         job.timed_out = True
@@ -461,7 +462,7 @@ class DaemonServer:
             peer.send(error_frame(ErrorCode.TIMEOUT, f"no reply within {self.config.request_timeout_s:g} s "
                                   "(still queued behind other requests)", job.request_id))
 
-    def _deadline(self, peer: _Peer, job: SayJob) -> None:
+    def _deadline(self, peer: _Peer, job: Job) -> None:
         """A say's ``deadline_ms`` is up: if it is still queued (not started, not answered, its id not reused
         by a newer say), drop it with the typed ``expired`` error instead of answering it late."""
         if peer.core.pending.get(job.request_id) is not job or job.started_at is not None:
@@ -475,7 +476,7 @@ class DaemonServer:
         posted by the worker when the model thread popped it late)."""
         if job.timer is not None:
             job.timer.cancel()
-        peer.core.job_done(job)  # type: ignore[arg-type]  # a completion's job is done as an NPC line's is
+        peer.core.job_done(job)
         self.metrics.expired.labels(PRIORITIES[job.rank]).inc()
         waited_ms = (time.monotonic() - job.enqueued_at) * 1000
         peer.send(error_frame(ErrorCode.EXPIRED, f"dropped unanswered: it waited {waited_ms:.0f} ms in the queue, "
@@ -530,7 +531,8 @@ def host_allowed(header: str, config: DaemonConfig) -> bool:
 
 def _header(scope: Scope, name: bytes) -> str | None:
     """An ASGI request header by its lower-case name (the first one), or None."""
-    for key, value in scope.get("headers", ()):
+    headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
+    for key, value in headers:
         if key == name:
             return value.decode("latin-1")
     return None

@@ -184,7 +184,7 @@ class TransformersBackend:
             state = {"logits": out.logits[0, -1], "cache": out.past_key_values}
 
             def next_logits() -> np.ndarray:
-                logits = state["logits"].float().cpu().numpy()
+                logits: np.ndarray = state["logits"].float().cpu().numpy()
                 if logits.shape[0] < self._n_vocab:
                     logits = np.concatenate([logits, np.full(self._n_vocab - logits.shape[0], -np.inf, np.float32)])
                 return logits

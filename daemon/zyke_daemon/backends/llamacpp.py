@@ -156,7 +156,8 @@ class LlamaCppBackend:
     # -- Backend protocol
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
-        return self._model.tokenize(text.encode("utf-8"), add_bos=True, special=special)
+        tokens: list[int] = self._model.tokenize(text.encode("utf-8"), add_bos=True, special=special)
+        return tokens
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
@@ -183,7 +184,7 @@ class LlamaCppBackend:
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
         self._ctx = None
-        self._model.close()
+        self._model.close()  # type: ignore[no-untyped-call]  # llama_cpp leaves LlamaModel.close unannotated
 
     def generate(self, request: GenerationRequest, on_text: OnText) -> GenerationResult:
         started = time.perf_counter()
@@ -433,7 +434,8 @@ class LlamaCppBackend:
             if name not in self._adapters:
                 raise ModelLoadError(f"adapter {name!r} is not loaded")
             self._adapters.move_to_end(name)
-            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
+            # llama_cpp types the adapter handle as c_void_p but its ctypes array element as POINTER(c_void_p)
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])  # type: ignore[misc]
             llama_cpp.llama_set_adapters_lora(self._ctx, arr, 1, (ctypes.c_float * 1)(1.0))
         self._active = name
 
@@ -561,7 +563,7 @@ class LlamaCppBackend:
 
     def _token_bytes(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
-        return bytes(self._piece[:n]) if n > 0 else b""
+        return self._piece.raw[:n] if n > 0 else b""
 
 
 class _PrefillStopped(Exception):
