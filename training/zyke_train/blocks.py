@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from zyke_models.embedded import sha256_file
+from zyke_models.files import atomic_write_bytes
 
 MANIFEST = "manifest.json"
 TENSOR = "input_ids"
@@ -88,7 +89,7 @@ def make_blocks(prepared: Path, out: Path, tokenizer: str | None = None, block_s
                 blocks_per_shard: int = 4096, bos: bool = True, progress: bool = True, steps_per_block: int = 1,
                 env_id: str | None = None, npc_type: str | None = None) -> dict[str, Any]:
     """Tokenize, pack and write the shards + ``manifest.json`` into ``out``; return the manifest."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
     from tqdm import tqdm
 
     if block_size < 2 or blocks_per_shard < 1 or steps_per_block < 1:
@@ -116,9 +117,8 @@ def make_blocks(prepared: Path, out: Path, tokenizer: str | None = None, block_s
         arr = np.asarray(buffer[:n_blocks * block_size], dtype=np.int32).reshape(n_blocks, block_size)
         buffer = buffer[n_blocks * block_size:]
         name = f"blocks-{len(shards):05d}.safetensors"
-        tmp = out / f".{name}.tmp"
-        save_file({TENSOR: arr}, str(tmp), metadata={"block_size": str(block_size), "tokenizer": tok_name})
-        tmp.replace(out / name)
+        atomic_write_bytes(out / name, save({TENSOR: arr}, metadata={"block_size": str(block_size),
+                                                                     "tokenizer": tok_name}))
         shards.append({"file": name, "blocks": n_blocks, "first_block": sum(s["blocks"] for s in shards),
                        "sha256": sha256_file(out / name)})
 

@@ -25,9 +25,9 @@ The filters live in ``prepare_filters.py`` and the readers in ``prepare_sources.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from zyke_models.files import atomic_write_bytes
 
 from .errors import PrepareError
 from .prepare_filters import (
@@ -102,9 +103,9 @@ def budgets(sources: list[Source], max_total: int | None) -> dict[str, int | Non
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """The shared fsynced write (zyke_models.files): a resumed run trusts every file the state names, so a crash
+    must leave the old file or the new one, on disk, never a torn one."""
+    atomic_write_bytes(path, data)
 
 
 def _sha256(data: bytes) -> str:
@@ -202,10 +203,9 @@ def _run_source(source: Source, st: SourceState, out: Path, settings: Settings, 
             name = f"{source.name}-{len(st.shards):05d}.jsonl"
             data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
             _atomic_write(out / name, data)
-            tmp = out / SIG_DIR / f".{name}.npy.tmp"
-            with tmp.open("wb") as fh:
-                np.save(fh, np.stack(sigs), allow_pickle=False)
-            os.replace(tmp, out / SIG_DIR / f"{name}.npy")
+            buf = io.BytesIO()
+            np.save(buf, np.stack(sigs), allow_pickle=False)
+            _atomic_write(out / SIG_DIR / f"{name}.npy", buf.getvalue())
             st.shards.append({"file": name, "rows": len(rows), "chars": sum(len(r["text"]) for r in rows),
                               "sha256": _sha256(data)})
             written += len(rows)
