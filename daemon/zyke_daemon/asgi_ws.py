@@ -12,7 +12,7 @@ keepalive pings are the same code as before.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -118,3 +118,12 @@ async def refuse(send: Send, status: int, body: bytes, content_type: str = "text
                 "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "websocket.http.response.body", "body": body})
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """An ASGI request header by its lower-case name (the first one), or None."""
+    headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None

@@ -16,7 +16,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from copy import deepcopy
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from zyke.protocol import SCHEMA_BASE, ErrorCode, load_schema
 
 from . import __version__
-from .asgi_ws import Receive, Scope, Send, refuse
+from .asgi_ws import Receive, Scope, Send, header, refuse
 from .backends.decoding import compile_schema
 from .completions import CompletionJob, CompletionResult
 from .config import BASE_ADAPTER
@@ -72,14 +72,6 @@ def _status(code: str) -> int:
     return STATUS_OF_CODE.get(code, 400)
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
-    for key, value in headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
 def _npc_path(path: str) -> bool:
     return path.startswith("/v1/npc/")
 
@@ -112,7 +104,7 @@ def build_app(server: DaemonServer) -> Any:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return  # lifespan is off; nothing else is spoken
-        host = _header(scope, b"host")
+        host = header(scope, b"host")
         if host is not None and not host_allowed(host, config):
             text = b"Host not allowed: this daemon answers loopback names; add another with --allow-host\n"
             if scope["type"] == "websocket":
@@ -128,7 +120,7 @@ def build_app(server: DaemonServer) -> Any:
         if not (path == "/v1" or path.startswith("/v1/")):
             await api(scope, receive, send)
             return
-        origin = _header(scope, b"origin")
+        origin = header(scope, b"origin")
         cors: list[tuple[bytes, bytes]] = []
         if origin is not None:
             if origin not in config.allowed_origins:
@@ -142,14 +134,14 @@ def build_app(server: DaemonServer) -> Any:
                                                       b"authorization, content-type"),
                                                      (b"access-control-max-age", b"600")])
                 return
-        auth = _header(scope, b"authorization") or ""
+        auth = header(scope, b"authorization") or ""
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), server.token.encode()):
             await refused(send, path, 401, "unauthorized", "missing or wrong token: send Authorization: Bearer "
                           "<the daemon's token> (its token file, or ZYKE_TOKEN)", "invalid_request_error",
                           [(b"www-authenticate", b"Bearer"), *cors])
             return
-        length = _header(scope, b"content-length")
+        length = header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > body_cap):
             await refused(send, path, 413, "frame_too_large", f"the request body is over {body_cap} bytes",
                           "invalid_request_error", cors)

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -32,7 +32,7 @@ from zyke.protocol import AdapterInfo, Adapters, ErrorCode, dump_frame
 
 from . import __version__, experience
 from .adapters import AdapterRegistry
-from .asgi_ws import AsgiWebSocket, Receive, Scope, WsProtocol, refuse
+from .asgi_ws import AsgiWebSocket, Receive, Scope, WsProtocol, header, refuse
 from .asgi_ws import Send as AsgiSend
 from .backends.base import Backend
 from .completions import CompletionResult
@@ -344,7 +344,7 @@ class DaemonServer:
         connection as ever."""
         if (await receive())["type"] != "websocket.connect":
             return
-        origin = _header(scope, b"origin")
+        origin = header(scope, b"origin")
         if origin is not None and origin not in self.config.allowed_origins:
             await refuse(send, HTTPStatus.FORBIDDEN, b"Failed to open a WebSocket connection: invalid Origin "
                          b"header; start the daemon with --allow-origin to let a browser page connect\n")
@@ -527,15 +527,6 @@ def host_allowed(header: str, config: DaemonConfig) -> bool:
     except ValueError:
         return False
     return address.is_loopback or bound in _WILDCARD_HOSTS
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    """An ASGI request header by its lower-case name (the first one), or None."""
-    headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
-    for key, value in headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:
