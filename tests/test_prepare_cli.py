@@ -349,6 +349,59 @@ def test_publish_dry_run_writes_card_and_files(tmp_path: Path, monkeypatch: pyte
     assert unknown.exit_code == 1 and "no adapter named 'nope'" in unknown.output
 
 
+
+def test_train_push_and_publish_upload_through_one_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train --hf-push` and `publish` both reach the Hub through ``zyke_models.hub.upload_folder`` (one token lookup,
+    repo creation and upload), each wording a failure its own way; ``HfApi`` is replaced, so nothing is sent."""
+    import huggingface_hub
+    from zyke_train.errors import TrainError
+    from zyke_train.publish import PublishError, upload
+    from zyke_train.train import push_to_hub
+
+    calls: list[tuple[str, Any]] = []
+
+    class FakeApi:
+        def __init__(self, token: str | None = None) -> None:
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id: str, **kw: Any) -> str:
+            calls.append(("create", (repo_id, kw["private"])))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kw: Any) -> Any:
+            calls.append(("upload", (kw["folder_path"], kw["commit_message"])))
+            return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/abc",
+                                              commit_message=kw["commit_message"], commit_description="", oid="abc")
+
+    class OfflineApi(FakeApi):
+        def create_repo(self, repo_id: str, **kw: Any) -> str:
+            raise ConnectionError("no network")
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert push_to_hub("studio/npc", folder) == "https://huggingface.co/studio/npc"
+    assert upload(folder, "studio/npc", private=True) == "https://huggingface.co/studio/npc/commit/abc"
+    assert calls == [("token", "hf_test"), ("create", ("studio/npc", None)),
+                     ("upload", (str(folder), "zyke-train LoRA adapter")),
+                     ("token", "hf_test"), ("create", ("studio/npc", True)),
+                     ("upload", (str(folder), "Upload Zyke adapter adapter"))]
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    with pytest.raises(TrainError, match=r"could not push to the Hugging Face Hub \(ConnectionError: no network\); "
+                                         r"the adapter is saved at .* push it later with `huggingface-cli upload"):
+        push_to_hub("studio/npc", folder)
+    with pytest.raises(PublishError, match=r"^could not upload to studio/npc: no network \(offline, or the token"):
+        upload(folder, "studio/npc")
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(PublishError, match=r"^no Hugging Face token"):
+        upload(folder, "studio/npc")
+    with pytest.raises(TrainError, match=r"could not push to the Hugging Face Hub \(no Hugging Face token"):
+        push_to_hub("studio/npc", folder)
+
 def test_hub_stream_that_breaks_mid_way_resumes(tmp_path: Path) -> None:
     """A stream that dies (network) ends with a clear error; the re-run keeps the flushed shards and goes on."""
     from zyke_train.errors import PrepareError

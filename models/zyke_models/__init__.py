@@ -9,8 +9,9 @@
 - ``lora_gguf``: a PEFT LoRA exported to the GGUF LoRA llama.cpp loads;
 - ``files``: the atomic, fsynced write and moving an unreadable file aside;
 - ``quantization``: the bitsandbytes 4-bit / 8-bit settings the transformers backend and QLoRA share;
+- ``hub``: the one upload to the Hugging Face Hub (``train --hf-push`` and ``publish``);
 - ``names`` and ``errors``: the adapter names and typed errors those share with the daemon.
 
 It imports neither ``zyke_daemon`` nor ``zyke_train`` (tests/test_import_rules.py), and nothing heavy at module
-level: torch and transformers are imported inside the functions that need them.
+level: torch, transformers and huggingface_hub are imported inside the functions that need them.
 """

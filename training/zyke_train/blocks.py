@@ -186,6 +186,8 @@ def read_manifest(path: Path, vocab_size: int | None = None, eos_token_id: int |
         raise BlocksError(f"{path} has no {MANIFEST}: not a zyke-train blocks folder")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise TypeError(f"a JSON {type(manifest).__name__}, not an object")
         manifest["shards"] = [{**s, "file": str(s["file"]), "sha256": str(s["sha256"]),
                                "first_block": int(s["first_block"]), "blocks": int(s.get("blocks", 0))}
                               for s in manifest["shards"]]

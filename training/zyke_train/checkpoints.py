@@ -83,7 +83,8 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> d
         torch.cuda.set_rng_state_all(cuda)
     py = json.loads((path / "rng.json").read_text())["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    return json.loads((path / STATE_FILE).read_text())
+    state: dict[str, Any] = json.loads((path / STATE_FILE).read_text())  # written by save_checkpoint
+    return state
 
 
 def _optimizer_to_tensors(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -8,6 +8,7 @@ register a function here with ``@main.command("name")``.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,7 +56,7 @@ def npc_data_cmd(ctx: click.Context, inputs: tuple[Path, ...], out: Path, report
 
     total = sum(len(lines) for _, lines in sources)
     if total >= PROGRESS_MIN_LINES:
-        with click.progressbar(length=total, label="checking rows", file=click.get_text_stream("stderr")) as bar:
+        with click.progressbar(length=total, label="checking rows", file=sys.stderr) as bar:
             result = npc_data.process(sources, on_line=lambda: bar.update(1))
     else:
         result = npc_data.process(sources)
@@ -444,8 +445,8 @@ def blocks_cmd(ctx: click.Context, prepared: Path | None, out: Path, tokenizer: 
         click.echo(f"experience: {c['records']} records ({c['labelled']} labelled, {c['skipped_lines']} lines "
                    f"skipped) -> {c['npc_rows']} NPC rows in {out / 'npc_rows.jsonl'}, {c['reward_rows']} reward "
                    f"rows in {out / 'reward_rows.jsonl'}")
-        if prepared is None:
-            return
+    if prepared is None:  # --experience alone (without either, the check above raised): nothing to tokenize
+        return
     try:
         manifest = make_blocks(prepared, out, tokenizer, block_size, blocks_per_shard, bos=not no_bos,
                                progress=not quiet, steps_per_block=steps_per_block, env_id=env_id,

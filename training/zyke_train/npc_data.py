@@ -29,7 +29,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema.protocols import Validator
 from pydantic import ValidationError
 from zyke.prompt_format import render_example, reply_schema
 from zyke.protocol.models import NpcReply, NpcSpec, Turn
@@ -102,11 +102,11 @@ def read_lines(path: Path) -> list[str]:
 
 
 @cache
-def _row_validator() -> Draft202012Validator:
+def _row_validator() -> Validator:
     return validator(ROW_SCHEMA)
 
 
-def first_error(v: Draft202012Validator, instance: Any, where: str = "") -> str | None:
+def first_error(v: Validator, instance: Any, where: str = "") -> str | None:
     """The most specific schema error as one line (``"reply/action: 'x' is not one of [...]"``), or None.
 
     The deepest error is the useful one: for a bad history reply it names ``history/1/reply/action``

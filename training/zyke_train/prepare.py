@@ -133,7 +133,7 @@ def prepare(sources: list[Source], out: Path, settings: Settings, *, force: bool
     states = _load_state(state_path, digest, force, out)
 
     if all(states.get(s.name, SourceState()).done for s in sources) and (out / MANIFEST).exists():
-        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        manifest: dict[str, Any] = json.loads((out / MANIFEST).read_text(encoding="utf-8"))  # a finished run wrote it
         manifest["new_rows"] = 0
         manifest["already_done"] = True
         return manifest
@@ -258,7 +258,7 @@ def build_manifest(sources: list[Source], states: dict[str, SourceState], settin
                    lsh: tuple[int, int], shares: dict[str, int | None]) -> dict[str, Any]:
     per_source = {}
     totals: Counter[str] = Counter()
-    shards = []
+    shards: list[dict[str, Any]] = []
     for s in sources:
         st = states[s.name]
         counts = {k: v for k, v in sorted(st.counts.items()) if k != "stopped_at_budget"}

@@ -62,7 +62,8 @@ def hub_loader(name: str, config: str | None, split: str) -> Iterable[dict[str, 
     except ImportError as exc:
         raise PrepareError("--hub needs the datasets library: pip install 'zyke[train]'") from exc
     try:
-        return datasets.load_dataset(name, config, split=split, streaming=True)
+        stream: Iterable[dict[str, Any]] = datasets.load_dataset(name, config, split=split, streaming=True)
+        return stream  # an IterableDataset: it yields one dict per row
     except Exception as exc:  # datasets raises many types offline (ConnectionError, DatasetNotFoundError, ...)
         raise PrepareError(f"could not open Hub dataset {name!r} (config {config}, split {split}): {exc}. "
                            "Offline? Hub sources need network access; use --local for files on disk.") from exc

@@ -10,13 +10,14 @@ registry's sha256 before anything is written: a file changed since registration 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from zyke_models.adapters import AdapterEntry
 from zyke_models.embedded import sha256_file
+from zyke_models.errors import HubError
+from zyke_models.hub import upload_folder
 
 from .adapters import default_registry
 
@@ -108,19 +109,14 @@ def model_card(entry: AdapterEntry, repo_id: str, files: dict[str, str], report:
 
 
 def upload(folder: Path, repo_id: str, token: str | None = None, private: bool = False) -> str:
-    """Create the repo if needed and upload the folder; returns the commit URL."""
+    """Create the repo if needed and upload the folder (through ``zyke_models.hub``, as ``train --hf-push`` does);
+    returns the commit URL."""
     try:
-        from huggingface_hub import HfApi, get_token
-    except ImportError as exc:
-        raise PublishError("publishing needs huggingface_hub: pip install 'zyke[train]'") from exc
-    token = token or os.environ.get("HF_TOKEN") or get_token()
-    if not token:
-        raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a write token)")
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                 commit_message=f"Upload Zyke adapter {folder.name}")
-    except Exception as exc:  # network errors, HTTP 401/403, bad repo ids: all end the command the same way
-        raise PublishError(f"could not upload to {repo_id}: {exc} (offline, or the token cannot write there?)") from exc
-    return str(getattr(info, "commit_url", info))
+        return upload_folder(folder, repo_id, f"Upload Zyke adapter {folder.name}", token=token,
+                             private=private).commit_url
+    except HubError as exc:
+        if exc.failure == "no_package":
+            raise PublishError("publishing needs huggingface_hub: pip install 'zyke[train]'") from exc
+        if exc.failure == "no_token":
+            raise PublishError(exc.message) from exc
+        raise PublishError(f"{exc.message} (offline, or the token cannot write there?)") from exc

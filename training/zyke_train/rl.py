@@ -237,7 +237,7 @@ def rl(config: RlConfig, on_log: Callable[[str], None] = print) -> RlResult:
     # and recomputing them on a CPU would cost a third of every backward pass for memory nobody needs.
     history: list[dict[str, float]] = []
 
-    class _Log(TrainerCallback):
+    class _Log(TrainerCallback):  # type: ignore[misc]  # transformers is not followed by mypy, so its class is Any
         def on_log(self, _args: Any, state: Any, _control: Any, logs: dict[str, float] | None = None,
                    **_: Any) -> None:
             if logs and "loss" in logs:

@@ -380,22 +380,21 @@ def register_adapter(name: str, adapter_dir: Path, model: str | None) -> Any:
 
 
 def push_to_hub(repo: str, adapter_dir: Path) -> str:
-    """Upload the adapter directory to a Hub model repo; returns the repo URL. Raises TrainError with a
-    clear message when the Hub cannot be reached or the login is missing."""
+    """Upload the adapter directory to a Hub model repo (through ``zyke_models.hub``, as ``publish`` does); returns
+    the repo URL. Raises TrainError with a clear message when the Hub cannot be reached or the login is missing."""
+    from zyke_models.errors import HubError
+    from zyke_models.hub import upload_folder
+
     try:
-        from huggingface_hub import HfApi
-    except ImportError as exc:
-        raise TrainError("--hf-push needs huggingface_hub: pip install huggingface_hub") from exc
-    api = HfApi()
-    try:
-        url = api.create_repo(repo, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(adapter_dir), repo_id=repo, repo_type="model",
-                          commit_message="zyke-train LoRA adapter")
-    except Exception as exc:  # offline, auth and HTTP errors all end the push the same way
-        raise TrainError(f"could not push to the Hugging Face Hub ({type(exc).__name__}: {exc}); the adapter is "
-                         f"saved at {adapter_dir} - push it later with `huggingface-cli upload {repo} {adapter_dir}`"
+        return upload_folder(adapter_dir, repo, "zyke-train LoRA adapter").repo_url
+    except HubError as exc:
+        if exc.failure == "no_package":
+            raise TrainError("--hf-push needs huggingface_hub: pip install huggingface_hub") from exc
+        # offline, auth and HTTP errors all end the push the same way
+        reason = f"{type(exc.cause).__name__}: {exc.cause}" if exc.cause is not None else exc.message
+        raise TrainError(f"could not push to the Hugging Face Hub ({reason}); the adapter is saved at "
+                         f"{adapter_dir} - push it later with `huggingface-cli upload {repo} {adapter_dir}`"
                          ) from exc
-    return str(url)
 
 
 def iter_loss_lines(history: Sequence[dict[str, float]], every: int = 10) -> Iterator[str]:

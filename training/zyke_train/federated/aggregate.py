@@ -86,7 +86,7 @@ def update_weights(updates: Sequence[Update]) -> np.ndarray:
     raw = np.array([u.num_samples * staleness_weight(u.staleness) for u in updates], dtype=np.float64)
     if raw.size == 0 or not np.all(raw > 0):
         raise ValueError("every update needs at least one sample")
-    return raw / raw.sum()
+    return raw / float(raw.sum())
 
 
 def aggregate_deltas(updates: Sequence[Update], method: Method = "mean",
@@ -126,7 +126,7 @@ def _trimmed_mean(stack: np.ndarray, trim_fraction: float) -> np.ndarray:
     n = stack.shape[0]
     cut = min(int(np.floor(trim_fraction * n)), (n - 1) // 2)
     ordered = np.sort(stack, axis=0)
-    return ordered[cut:n - cut].mean(axis=0)
+    return np.asarray(ordered[cut:n - cut].mean(axis=0))  # numpy types a mean over an axis as Any
 
 
 def apply_delta(current: Tensors, delta: Tensors, server_lr: float = 1.0) -> dict[str, np.ndarray]:
