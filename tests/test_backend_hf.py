@@ -13,6 +13,7 @@ import pytest
 import torch
 from zyke.prompt_format import render_prompt, reply_schema
 from zyke.protocol import NpcReply, NpcSpec, Turn
+from zyke.protocol.validation import validator_for
 from zyke_daemon.backends.base import GenerationRequest, GenerationResult
 from zyke_daemon.backends.decoding import say_token_ids
 from zyke_daemon.backends.hf import TransformersBackend
@@ -20,7 +21,6 @@ from zyke_daemon.backends.llamacpp import LlamaCppBackend
 from zyke_daemon.backends.loader import choose_backend
 from zyke_daemon.config import DaemonConfig, load_config
 from zyke_daemon.errors import ModelLoadError
-from zyke_daemon.validation import validator_for
 from zyke_models.embedded import embedded_model_path
 from zyke_models.hf_checkpoint import MARKER, base_fingerprint, embedded_hf_checkpoint
 from zyke_models.lora_gguf import export_peft_to_gguf

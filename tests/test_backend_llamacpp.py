@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from zyke.prompt_format import render_prompt, render_reply, reply_schema
 from zyke.protocol import NpcReply, NpcSpec, Turn
+from zyke.protocol.validation import validator_for
 from zyke_daemon.backends.base import GenerationRequest
 from zyke_daemon.backends.decoding import sample
 from zyke_daemon.backends.llamacpp import PREFILL_CHUNK, LlamaCppBackend
-from zyke_daemon.validation import validator_for
 from zyke_models.embedded import EMBEDDED_NAME
 
 pytestmark = pytest.mark.slow

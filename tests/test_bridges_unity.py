@@ -214,7 +214,7 @@ def test_json_reader_writer_spec_repair_and_argument_errors(e2e_exe: Path) -> No
 
 
 def test_csharp_client_end_to_end(e2e_exe: Path, daemon: DaemonProcess) -> None:
-    from zyke_daemon.validation import validator
+    from zyke.protocol.validation import validator
 
     out = _run(e2e_exe, "e2e", daemon.url, daemon.token)
     for needle in ["unknown_npc", "deltas concatenate to say", "ZykeAuthException", "ZykeCancelledException",

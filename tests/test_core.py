@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 from zyke.protocol import ErrorCode, ModelInfo
+from zyke.protocol.validation import first_error
 from zyke_daemon.backends.base import GenerationResult
 from zyke_daemon.config import DaemonConfig
 from zyke_daemon.core import CancelJob, ConnectionCore, DaemonCore, Send, Submit
 from zyke_daemon.errors import DaemonError
 from zyke_daemon.sessions import SessionStore
-from zyke_daemon.validation import first_error
 
 TOKEN = "secret"
 BROM = {"id": "brom", "name": "Brom", "persona": "A grumpy dwarf smith.", "actions": ["none", "repair"],

@@ -16,7 +16,7 @@ from daemon_proc import DaemonProcess
 from websockets.exceptions import InvalidStatus
 from zyke.prompt_format import reply_schema
 from zyke.protocol import NpcSpec
-from zyke_daemon.validation import first_error, validator_for
+from zyke.protocol.validation import first_error, validator_for
 
 pytestmark = pytest.mark.slow
 

@@ -17,6 +17,7 @@ import jsonschema._utils
 import pytest
 from pydantic import TypeAdapter
 from zyke.protocol import CLIENT_FRAMES, ErrorCode, ModelInfo, NpcSpec, load_schema
+from zyke.protocol.validation import first_error
 from zyke_daemon import core as core_module
 from zyke_daemon.adapters import MANIFEST, AdapterRegistry
 from zyke_daemon.config import DaemonConfig
@@ -31,7 +32,6 @@ from zyke_daemon.core import (
 from zyke_daemon.errors import DaemonError
 from zyke_daemon.server import DaemonServer, host_allowed
 from zyke_daemon.sessions import SessionStore
-from zyke_daemon.validation import first_error
 
 TOKEN = "secret"
 BROM = {"id": "brom", "name": "Brom", "persona": "A grumpy dwarf smith.", "actions": ["none", "repair"],

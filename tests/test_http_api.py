@@ -26,8 +26,8 @@ from schemathesis.checks import not_a_server_error
 from websockets.sync.client import connect
 from zyke.prompt_format import render_prompt, render_reply, reply_schema
 from zyke.protocol import NpcSpec
+from zyke.protocol.validation import first_error, validator_for
 from zyke_daemon.openai_format import ChatMessage, StopScanner, render_chat
-from zyke_daemon.validation import first_error, validator_for
 
 pytestmark = pytest.mark.slow
 

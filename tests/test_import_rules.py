@@ -21,7 +21,8 @@ PACKAGES = {
 }
 #: package -> top-level modules it must never import, anywhere in it (also inside functions)
 FORBIDDEN = {
-    # the SDK a game imports: websockets, pydantic, platformdirs and the standard library only
+    # the SDK a game imports: websockets, pydantic, platformdirs and the standard library (and jsonschema in
+    # zyke.protocol.validation, the zyke[validate] extra)
     "zyke": {"zyke_models", "zyke_daemon", "zyke_train", "torch", "transformers", "peft", "numpy", "llama_cpp",
              "llguidance"},
     # the model artifacts both the daemon and training import: they import neither, nor the training stack
@@ -33,10 +34,9 @@ FORBIDDEN = {
 #: the model artifacts from ``zyke_models``, never through these, nor the modules that moved there.
 ARTIFACT_MODULES = {"zyke_daemon.adapters", "zyke_daemon.errors", "zyke_daemon.config", "zyke_daemon.embedded",
                     "zyke_daemon.hf_checkpoint", "zyke_daemon.lora_gguf", "zyke_daemon.files"}
-#: What training may still import from the daemon: the daemon itself, run for evaluation (its backends), and the
-#: reply validation (schemas compiled the way the daemon checks replies).
-TRAIN_MAY_IMPORT_FROM_DAEMON = {"zyke_daemon.backends.base", "zyke_daemon.backends.hf", "zyke_daemon.backends.llamacpp",
-                                "zyke_daemon.validation"}
+#: What training may still import from the daemon: the daemon itself, run for evaluation (its backends). Reply
+#: validation lives with the protocol (``zyke.protocol.validation``), so it is no daemon import.
+TRAIN_MAY_IMPORT_FROM_DAEMON = {"zyke_daemon.backends.base", "zyke_daemon.backends.hf", "zyke_daemon.backends.llamacpp"}
 #: sans-I/O modules: they keep protocol state and decide, the shells do the I/O
 SANS_IO = [PACKAGES["zyke"] / "protocol", PACKAGES["zyke_daemon"] / "core.py", PACKAGES["zyke_daemon"] / "scheduler.py"]
 IO_MODULES = {"asyncio", "websockets", "socket", "selectors", "http", "urllib"}
@@ -96,3 +96,21 @@ def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     sample.write_text("import json\n\ndef f():\n    from torch import nn\n    import asyncio.events\n")
     assert imported_roots(sample) == {"json", "torch", "asyncio"}
     assert imported_modules(sample) == {"json", "torch", "asyncio.events"}
+
+
+#: Optional dependencies of the SDK: only the named modules may import them, so ``pip install zyke`` stays enough
+#: for ``import zyke`` and everything it imports.
+SDK_OPTIONAL = {"jsonschema": {"protocol/validation.py"}, "referencing": {"protocol/validation.py"}}
+
+
+def test_sdk_optional_dependencies_stay_in_their_module() -> None:
+    users = {name: {str(path.relative_to(PACKAGES["zyke"])) for path in sources(PACKAGES["zyke"])
+                    if name in imported_roots(path)} for name in SDK_OPTIONAL}
+    assert users == SDK_OPTIONAL
+    # and nothing imports that module on the way in: the base install never loads jsonschema
+    importers = [str(path.relative_to(ROOT)) for path in sources(PACKAGES["zyke"])
+                 if "zyke.protocol.validation" in imported_modules(path)
+                 or (path.parent.name == "protocol" and "validation" in
+                     {n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)
+                      and n.level == 1})]
+    assert importers == []

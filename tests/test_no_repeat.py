@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 from zyke.protocol import GenerationOptions, ModelInfo
+from zyke.protocol.validation import first_error
 from zyke.response import build_options
 from zyke_daemon.backends.base import DEFAULT_NO_REPEAT_NGRAM, GenerationRequest
 from zyke_daemon.backends.decoding import SAY_OPENING, SayNgramBan, SayScanner, allowed_tokens, ngram_table
 from zyke_daemon.config import DaemonConfig
 from zyke_daemon.core import DaemonCore, Send, Submit, _merge_options
 from zyke_daemon.sessions import SessionStore
-from zyke_daemon.validation import first_error
 
 N_VOCAB = 70  # three mask words, the last one partly used
 

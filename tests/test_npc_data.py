@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from zyke.prompt_format import render_prompt, render_reply
 from zyke.protocol import load_schema
 from zyke.protocol.models import NpcReply, NpcSpec, Turn
-from zyke_daemon.validation import first_error
+from zyke.protocol.validation import first_error
 from zyke_train.cli import main
 from zyke_train.npc_data import check_row, render_row
 

@@ -4,7 +4,7 @@ import json
 
 from zyke.prompt_format import END_OF_REPLY, render_example, render_prompt, render_reply, reply_schema
 from zyke.protocol import Choice, NpcReply, NpcSpec, Turn
-from zyke_daemon.validation import validator_for
+from zyke.protocol.validation import validator_for
 
 BROM = NpcSpec(id="brom", name="Brom", persona="A grumpy dwarf smith.", actions=["none", "repair"],
                emotions=["neutral", "angry"])

@@ -45,6 +45,7 @@ from websockets.exceptions import ConnectionClosed
 from zyke.prompt_format import render_prompt, reply_schema
 from zyke.protocol import ErrorCode, ModelInfo, NpcSpec, Turn, load_schema
 from zyke.protocol.schemas import SCHEMA_BASE
+from zyke.protocol.validation import first_error
 from zyke_daemon.adapters import AdapterRegistry
 from zyke_daemon.backends.base import BatchItem, GenerationRequest, GenerationResult
 from zyke_daemon.backends.llamacpp import PREFILL_CHUNK
@@ -53,7 +54,6 @@ from zyke_daemon.core import Close, DaemonCore, Submit
 from zyke_daemon.metrics import Metrics
 from zyke_daemon.server import DaemonServer, _Peer, is_loopback_host
 from zyke_daemon.sessions import SessionStore
-from zyke_daemon.validation import first_error
 from zyke_models.files import atomic_write_text, remove_stale_temp_files
 
 TOKEN = "secret"

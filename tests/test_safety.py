@@ -23,13 +23,13 @@ from pydantic import BaseModel
 from zyke import AsyncClient
 from zyke.prompt_format import render_prompt, reply_schema
 from zyke.protocol import NpcReply, NpcSpec, Reply, Safety, SafetyBlock, Turn, load_schema
+from zyke.protocol.validation import first_error
 from zyke_daemon.backends.base import BatchItem, GenerationRequest, GenerationResult
 from zyke_daemon.backends.decoding import SAY_OPENING, SayContentGuard, say_text
 from zyke_daemon.config import DaemonConfig, load_config
 from zyke_daemon.core import Send, Submit
 from zyke_daemon.safety import Rails, StudioLists, refusal_action, safe_prefix, stricter, views
 from zyke_daemon.sessions import SessionStore
-from zyke_daemon.validation import first_error
 
 MINOR = Rails().matcher()
 assert MINOR is not None

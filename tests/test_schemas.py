@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel, TypeAdapter
 from zyke.protocol import CLIENT_FRAMES, SERVER_FRAMES, NpcReply, NpcState, frame_types, load_schema
 from zyke.protocol.models import Choice, GenerationOptions, NpcSpec, Turn
-from zyke_daemon.validation import first_error, validator
+from zyke.protocol.validation import first_error, validator
 
 ALL_FRAMES = {**CLIENT_FRAMES, **SERVER_FRAMES}
 

@@ -60,6 +60,7 @@ from zyke.protocol import (
     dump_frame,
 )
 from zyke.protocol.models import AdapterList, AdapterLoad, AdapterUnload, Cancel, Hello, Limits
+from zyke.protocol.validation import client_frame_types, clip, describe, first_error, quote, validator_for
 
 from . import __version__
 from .backends.base import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_REPEAT_PENALTY, GenerationRequest, GenerationResult
@@ -69,7 +70,6 @@ from .reply_stream import ReplyAssembler
 from .safety import Screen, deflection_note, rails_for, refusal_action, safe_prefix
 from .scheduler import BACKGROUND, NORMAL, rank_of
 from .sessions import SessionStore
-from .validation import client_frame_types, clip, describe, first_error, quote, validator_for
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from llguidance import LLMatcher
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from zyke.protocol import SCHEMA_BASE, ErrorCode, load_schema
+from zyke.protocol.validation import describe, validator_for
 
 from . import __version__
 from .asgi_ws import Receive, Scope, Send, header, refuse
@@ -48,7 +49,6 @@ from .openai_format import (
     render_chat,
     usage,
 )
-from .validation import describe, validator_for
 
 if TYPE_CHECKING:
     from .server import DaemonServer, HttpPeer

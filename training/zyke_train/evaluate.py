@@ -136,7 +136,7 @@ def word_f1(pred: str, ref: str) -> float:
 def judge(text: str, scenario: Scenario) -> dict[str, Any]:
     """Per-scenario verdicts for one generated reply text."""
     from zyke.prompt_format import reply_schema
-    from zyke_daemon.validation import validator_for
+    from zyke.protocol.validation import validator_for
 
     try:
         reply = json.loads(text)

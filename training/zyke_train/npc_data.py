@@ -33,7 +33,7 @@ from jsonschema.protocols import Validator
 from pydantic import ValidationError
 from zyke.prompt_format import render_example, reply_schema
 from zyke.protocol.models import NpcReply, NpcSpec, Turn
-from zyke_daemon.validation import validator, validator_for
+from zyke.protocol.validation import validator, validator_for
 
 #: The row schema's name below schemas/.
 ROW_SCHEMA = "npc_example"

@@ -1,7 +1,7 @@
 """Read the protocol's JSON Schemas from the installed package (never from the source tree).
 
 Only the standard library is used here so the light SDK can ship the schemas without jsonschema;
-the daemon builds validators from these documents in ``zyke_daemon.validation``.
+validators are built from these documents in ``zyke.protocol.validation``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,11 @@
 
 The raw dict is validated before any pydantic model sees it: the schemas are the contract the
 Godot and Unity bridges are generated from, so they, not the Python models, decide what is valid.
+
+It lives with the protocol, not in the daemon, so that everything that checks a frame or a reply checks it
+the same way: the daemon's core and HTTP API, training's data checks and evaluation, and game code
+(``validator_for(reply_schema(npc)).is_valid(reply)``). It needs jsonschema, which the SDK's base install
+leaves out to stay light: ``pip install "zyke[validate]"`` (the daemon's extra has it).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.protocols import Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
-from zyke.protocol import SCHEMA_BASE, all_schemas, frame_types
+
+from .schemas import SCHEMA_BASE, all_schemas, frame_types
 
 #: The most of a client's value an error message quotes: a 60 KB bad field must not come back as 60 KB.
 MAX_QUOTE_CHARS = 200
