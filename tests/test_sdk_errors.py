@@ -97,7 +97,7 @@ def test_autostart_and_the_daemons_own_timeout(tmp_path: Path, monkeypatch: pyte
     try:
         welcome = client.connect()  # token read from the file the new daemon wrote
         assert welcome.limits is not None and welcome.limits.request_timeout_s == 0.05
-        started = client._async._daemon
+        started = client._async._connector.daemon
         assert started is not None and started.proc.poll() is None
         npc = client.npc("brom", persona="A dwarf who talks a lot.")
         with pytest.raises(ZykeTimeout) as info:

@@ -12,7 +12,7 @@ daemon.
 No request logic lives here: ``Npc`` and ``ReplyStream`` wrap the async handles and hand their
 coroutines to ``_LoopThread``, the one internal interface the sync handles get (``run`` blocks on
 a coroutine, ``schedule`` returns its future); a request's lifecycle is the async client's
-(aio.py). The sync side only makes ``response.rate(...)`` block, as every sync call does.
+(aio.py, on connection.py). The sync side only makes ``response.rate(...)`` block, as every sync call does.
 """
 
 from __future__ import annotations
