@@ -199,6 +199,54 @@ def test_a_foreground_reply_pauses_a_full_background_batch_and_every_reply_match
         assert result.tokens == solo.tokens, npc.id
 
 
+@pytest.mark.slow
+def test_a_foreground_line_arriving_while_newcomers_are_prefilled_goes_before_the_rest(
+        backend: LlamaCppBackend) -> None:
+    """Four background lines are handed over at once; the player's line arrives while the first is prefilled.
+    It is seated next, before the other three are prefilled (not after all four), and every reply still matches
+    its solo run."""
+    background, foreground = NPCS[:4], NPCS[4]
+    run = _Run([])
+    arrived = {"fg": False}
+    prefilled: list[str] = []
+
+    def arriving(npc: NpcSpec) -> BatchItem:  # the player speaks as the model thread takes the first line
+        item = run.item(npc, 16, 2)
+
+        def prepare() -> GenerationRequest:
+            arrived["fg"] = True
+            return item.prepare()
+        return BatchItem(prepare, item.on_text, item.done, priority=2)
+
+    def take(n: int, adapter: object) -> list[BatchItem]:
+        return [arriving(background[0])] + [run.item(npc, 16, 2) for npc in background[1:]] if not prefilled else []
+
+    def preempt(n: int, adapter: object) -> list[BatchItem]:
+        if arrived["fg"] and foreground.id not in prefilled:
+            return [run.item(foreground, 12, 0)]
+        return []
+
+    start = backend._start
+
+    def spy(request: GenerationRequest, busy: Any = frozenset()) -> Any:  # the order prompts are prefilled in
+        prefilled.append(next(n.id for n in NPCS if f"About {n.name}:" in request.prompt))
+        return start(request, busy)
+
+    backend.reset()
+    backend._start = spy  # type: ignore[method-assign]
+    try:
+        backend.run_batch(take, preempt=preempt, urgent=lambda: arrived["fg"] and foreground.id not in prefilled)
+    finally:
+        del backend._start
+    assert prefilled[:2] == [background[0].id, foreground.id], prefilled
+    assert sorted(prefilled) == sorted(n.id for n in NPCS[:5])
+    results = dict(run.done)
+    for npc in [*background, foreground]:
+        result = results[npc.id]
+        assert isinstance(result, GenerationResult), result
+        assert result.tokens == _solo(backend, npc, 12 if npc is foreground else 16).tokens, npc.id
+
+
 # --- a real daemon over loopback ---------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -73,7 +74,8 @@ class Backend:
         self.took_second = threading.Event()
         self.second: list[BatchItem] = []
 
-    def run_batch(self, take: TakeItems, max_batch: int = 4, preempt: TakeItems | None = None) -> None:
+    def run_batch(self, take: TakeItems, max_batch: int = 4, preempt: TakeItems | None = None,
+                  urgent: Callable[[], bool] | None = None) -> None:
         first = take(max_batch, ANY_ADAPTER)
         self.took_first.set()
         assert self.queued.wait(30)
@@ -133,7 +135,8 @@ def test_the_model_thread_takes_queued_work_while_the_loop_is_blocked() -> None:
 class BrokenBackend(Backend):
     """A bug in the batch loop itself: it takes a reply and raises without an outcome for it."""
 
-    def run_batch(self, take: TakeItems, max_batch: int = 4, preempt: TakeItems | None = None) -> None:
+    def run_batch(self, take: TakeItems, max_batch: int = 4, preempt: TakeItems | None = None,
+                  urgent: Callable[[], bool] | None = None) -> None:
         take(max_batch, ANY_ADAPTER)
         raise RuntimeError("a bug in the batch loop")
 

@@ -291,13 +291,16 @@ class Worker:
                 return []
             return more(n, adapter, FOREGROUND)
 
+        def urgent() -> bool:  # a foreground line waits: newcomers not yet prefilled let it go first
+            return not self._stopping and self.queue.waiting(FOREGROUND) > 0
+
         backend = self.backend
         assert backend is not None
         batching = backend.supports_batching
         preempted = backend.preemptions
         try:
             if batching:
-                cast(BatchingBackend, backend).run_batch(take, preempt=preempt)
+                cast(BatchingBackend, backend).run_batch(take, preempt=preempt, urgent=urgent)
             else:
                 run_batch_of_one(backend, take)
         except Exception as exc:  # a bug in the batch loop itself: the loop answers what is left (_settle)

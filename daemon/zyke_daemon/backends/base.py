@@ -149,7 +149,8 @@ class BatchingBackend(Backend, Protocol):
     starve_after: int
     background_tokens_per_s: float | None
 
-    def run_batch(self, take: TakeItems, max_batch: int = 4, preempt: TakeItems | None = None) -> None: ...
+    def run_batch(self, take: TakeItems, max_batch: int = 4, preempt: TakeItems | None = None,
+                  urgent: Callable[[], bool] | None = None) -> None: ...
 
 
 class IdlePrefillBackend(Backend, Protocol):

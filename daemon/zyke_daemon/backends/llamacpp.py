@@ -76,6 +76,15 @@ class _Slot:
 
 
 @dataclass
+class _Arrived:
+    """A newcomer taken from the queue and prepared, not yet prefilled (``run_batch``'s ``urgent``)."""
+
+    item: BatchItem
+    request: GenerationRequest
+    started: float
+
+
+@dataclass
 class _Running:
     item: BatchItem
     slot: _Slot
@@ -201,7 +210,8 @@ class LlamaCppBackend:
             self._clear(slot)  # a half-evaluated slot is worth nothing
             raise
 
-    def run_batch(self, take: TakeItems, max_batch: int = 4, preempt: TakeItems | None = None) -> None:
+    def run_batch(self, take: TakeItems, max_batch: int = 4, preempt: TakeItems | None = None,
+                  urgent: Callable[[], bool] | None = None) -> None:
         """Decode several replies in lockstep until none is left: one ``llama_decode`` per step carries
         the next token of every running reply, each in its own slot.
 
@@ -227,12 +237,18 @@ class LlamaCppBackend:
         replies are paused at a time. Lower-priority replies also sit out the steps while a foreground
         reply decodes its first ``foreground_solo_tokens`` (at most that many steps in all, each), and
         background replies the steps over the ``background_tokens_per_s`` budget.
+
+        ``urgent()`` says a foreground reply waits in the queue. Newcomers handed over together are prefilled one
+        by one, each alone; when ``urgent()`` turns true between two of them, the rest wait (prepared, holding no
+        slot) until the foreground reply is seated at the next step, so a player's line that arrives while
+        background NPCs start talking waits for one prompt, not for all of them.
         """
         # Always a KV stream to spare: a batch that occupied every stream of the context changed a reply
         # (measured: 4 replies in a 4-stream context, one differed from its solo run; with 5, none).
         max_batch = min(max_batch, len(self._slots) - 1)
         running: list[_Running] = []
         paused: list[_Running] = []
+        arrived: list[_Arrived] = []  # handed over and prepared, prefill put off for a foreground reply
         while True:
             for r in running:  # the logits of the last step, for the replies it evaluated
                 if r.row >= 0 or r.logits is not None:
@@ -241,8 +257,10 @@ class LlamaCppBackend:
             for r in [r for r in paused if r.decoder.check_cancel()]:  # cancelled (or timed out) while paused
                 paused.remove(r)
                 r.item.done(r.decoder.result())
-            self._seat(running, paused, take, preempt, max_batch)
+            self._seat(running, paused, arrived, take, preempt, urgent, max_batch)
             if not running:
+                if arrived:  # every reply seated this time failed or finished at once: seat the rest
+                    continue
                 return
             stepping = self._stepping(running)
             if not stepping:  # only background replies, over their budget: wait for it to refill
@@ -254,18 +272,28 @@ class LlamaCppBackend:
                 for r in running + paused:
                     self._clear(r.slot)
                     r.item.done(exc)
+                for a in arrived:
+                    a.item.done(exc)
                 return
 
-    def _seat(self, running: list[_Running], paused: list[_Running], take: TakeItems, preempt: TakeItems | None,
-              max_batch: int) -> None:
+    def _seat(self, running: list[_Running], paused: list[_Running], arrived: list[_Arrived], take: TakeItems,
+              preempt: TakeItems | None, urgent: Callable[[], bool] | None, max_batch: int) -> None:
         """Fill the batch for the next step: starved paused replies, then queued foreground replies (pausing a
-        lower-priority reply when no seat is free), then the other paused replies, then anything queued."""
+        lower-priority reply when no seat is free), then the other paused replies, then newcomers put off last
+        time, then anything queued (the newcomers after the first wait again if ``urgent()``)."""
         def adapter() -> object:
             busy = running or paused
-            return busy[0].decoder.request.adapter if busy else ANY_ADAPTER
+            if busy:
+                return busy[0].decoder.request.adapter
+            return arrived[0].request.adapter if arrived else ANY_ADAPTER
 
         def admit(item: BatchItem) -> None:
-            r = self._admit(item, running + paused)
+            a = self._prepare(item)
+            if a is not None:
+                start(a)
+
+        def start(a: _Arrived) -> None:
+            r = self._admit(a, running + paused)
             if r is not None:
                 running.append(r)
 
@@ -291,9 +319,17 @@ class LlamaCppBackend:
         while paused and len(running) < max_batch:
             running.append(paused.pop(0))
         seats = min(max_batch - len(running), len(self._slots) - 1 - len(running) - len(paused))
-        if seats > 0:
-            for item in take(seats, adapter()):
-                admit(item)
+        if seats <= 0:
+            return
+        incoming = arrived[:seats]
+        del arrived[:seats]
+        if len(incoming) < seats:
+            incoming += [a for a in map(self._prepare, take(seats - len(incoming), adapter())) if a is not None]
+        for n, a in enumerate(incoming):
+            if n and running and urgent is not None and urgent():  # the batch's adapter is set: the rest can wait
+                arrived[:0] = incoming[n:]
+                return
+            start(a)
 
     def _stepping(self, running: list[_Running]) -> list[_Running]:
         """The replies the next step evaluates: all of them, except lower-priority ones while a foreground reply
@@ -319,12 +355,20 @@ class LlamaCppBackend:
             out.append(r)
         return out
 
-    def _admit(self, item: BatchItem, running: list[_Running]) -> _Running | None:
-        """Prepare, place and prefill a newcomer, and pick its first token."""
+    def _prepare(self, item: BatchItem) -> _Arrived | None:
+        """Build a newcomer's request (its prompt, its adapter loaded); None when that failed (it is answered)."""
+        started = time.perf_counter()
+        try:
+            return _Arrived(item, item.prepare(), started)
+        except Exception as exc:
+            item.done(exc)
+            return None
+
+    def _admit(self, arrived: _Arrived, running: list[_Running]) -> _Running | None:
+        """Place and prefill a prepared newcomer, and pick its first token."""
+        item, request, started = arrived.item, arrived.request, arrived.started
         slot = None
         try:
-            started = time.perf_counter()
-            request = item.prepare()
             if running and request.adapter != running[0].decoder.request.adapter:
                 raise RuntimeError("a batch cannot mix adapters")
             slot, n_prompt, cached = self._start(request, busy={r.slot.seq_id for r in running})
