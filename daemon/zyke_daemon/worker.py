@@ -286,13 +286,11 @@ class Worker:
                 return []
             return more(n, adapter)
 
-        def preempt(n: int, adapter: object) -> list[BatchItem]:  # before every step, even with the batch full
-            if self._stopping or not self.queue.waiting(FOREGROUND):
-                return []
-            return more(n, adapter, FOREGROUND)
-
         def urgent() -> bool:  # a foreground line waits: newcomers not yet prefilled let it go first
             return not self._stopping and self.queue.waiting(FOREGROUND) > 0
+
+        def preempt(n: int, adapter: object) -> list[BatchItem]:  # before every step, even with the batch full
+            return more(n, adapter, FOREGROUND) if urgent() else []
 
         backend = self.backend
         assert backend is not None

@@ -23,10 +23,10 @@ ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def collect(files: list[Path], out: Path, adapter: str = "npc-default") -> None:
-    from zyke.prompt_format import allowed_action_names, render_prompt, reply_schema
+    from zyke.prompt_format import allowed_action_names, render_prompt, render_reply, reply_schema
     from zyke_daemon.backends.base import GenerationRequest
     from zyke_train.adapters import default_registry
-    from zyke_train.evaluate import ACTION_KEY, judge, load_scenarios, open_backend
+    from zyke_train.evaluate import judge, label_scores, load_scenarios, open_backend, up_to_action
 
     backend = open_backend("llama.cpp", None, 2)
     backend.load_adapter(adapter, default_registry().resolve(adapter, backend.fingerprint, backend.adapter_kind))
@@ -40,12 +40,10 @@ def collect(files: list[Path], out: Path, adapter: str = "npc-default") -> None:
             continue
         reply = json.loads(result.text)
         allowed = allowed_action_names(s.npc, s.allowed_actions)
-        labels = [a + '"}' for a in allowed]
-        cond = backend.score_continuations(prompt + result.text[: result.text.rindex(ACTION_KEY) + len(ACTION_KEY)],
-                                           labels, adapter)
-        free = (render_prompt(s.npc, [], "...", None, s.allowed_actions)
-                + f'{{"say": "...", "emotion": "{reply["emotion"]}", "action": "')
-        prior = backend.score_continuations(free, labels, adapter)
+        cond = label_scores(backend, prompt + up_to_action(result.text), allowed, adapter)
+        free = render_prompt(s.npc, [], "...", None, s.allowed_actions) + up_to_action(
+            render_reply({"say": "...", "emotion": reply["emotion"], "action": ""}))
+        prior = label_scores(backend, free, allowed, adapter)
         rows.append({"id": s.id, "expected": s.expected["action"], "greedy": reply["action"], "allowed": allowed,
                      "cond": cond, "prior": prior})
     backend.close()

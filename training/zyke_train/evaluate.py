@@ -284,9 +284,20 @@ def scored_action(backend: Any, prompt: str, text: str, scenario: Scenario, adap
     from zyke.prompt_format import allowed_action_names
 
     allowed = allowed_action_names(scenario.npc, scenario.allowed_actions)
-    prefix = prompt + text[: text.rindex(ACTION_KEY) + len(ACTION_KEY)]
-    scores = backend.score_continuations(prefix, [a + '"}' for a in allowed], adapter)
+    scores = label_scores(backend, prompt + up_to_action(text), allowed, adapter)
     return allowed[max(range(len(allowed)), key=scores.__getitem__)]
+
+
+def up_to_action(text: str) -> str:
+    """A reply's JSON up to where its action's value starts."""
+    return text[: text.rindex(ACTION_KEY) + len(ACTION_KEY)]
+
+
+def label_scores(backend: Any, prefix: str, allowed: Sequence[str], adapter: str | None) -> list[float]:
+    """Each allowed action's total log-probability after ``prefix`` (which ends where the action's value starts),
+    its closing ``"}`` included (``scored_action`` says why)."""
+    scores: list[float] = backend.score_continuations(prefix, [a + '"}' for a in allowed], adapter)
+    return scores
 
 
 def load_scenario_files(npc_files: Sequence[Path], limit: int | None,
