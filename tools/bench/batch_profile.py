@@ -28,7 +28,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # the figures' NPCs, line and machine description
-from zyke.prompt_format import render_prompt, reply_schema
 from zyke_daemon.backends.base import BatchItem, GenerationRequest, GenerationResult
 from zyke_daemon.backends.llamacpp import LlamaCppBackend
 from zyke_models.embedded import embedded_model_path
@@ -49,11 +48,12 @@ class TimedBackend(LlamaCppBackend):
         self.spent[kind][1] += time.perf_counter() - start
 
 
-def item(backend: TimedBackend, npc: Any, line: str, tokens: int, adapter: str | None,
+def item(npc: Any, line: str, tokens: int, adapter: str | None,
          out: list[GenerationResult | BaseException]) -> BatchItem:
     def prepare() -> GenerationRequest:
-        return GenerationRequest(prompt=render_prompt(npc, [], line), schema=reply_schema(npc), max_tokens=tokens,
-                                 adapter=adapter)
+        req = bench.request(npc, tokens, line=line)  # figure 4's request, under the adapter
+        req.adapter = adapter
+        return req
     return BatchItem(prepare, lambda _: True, out.append)
 
 
@@ -96,7 +96,7 @@ def main() -> None:
         side: dict[str, Any] = {}
         for name, at_once, tag in (("one_after_another", False, f" [{i}]"), ("at_once", True, f" <{i}>")):
             out: list[GenerationResult | BaseException] = []
-            items = [item(backend, npc, bench.LINE + tag, args.tokens, adapter, out) for npc in bench.NPCS]
+            items = [item(npc, bench.LINE + tag, args.tokens, adapter, out) for npc in bench.NPCS]
             side[name] = measure(backend, items, at_once)
             side[name]["tokens"] = sum(len(r.tokens) for r in out if isinstance(r, GenerationResult))
         one, four = side["one_after_another"], side["at_once"]

@@ -25,7 +25,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # the figures' NPCs, line and machine description
-from zyke.prompt_format import render_prompt, reply_schema
 from zyke.protocol import NpcSpec
 from zyke_daemon.backends.base import BatchItem, GenerationRequest, GenerationResult
 from zyke_daemon.backends.llamacpp import LlamaCppBackend
@@ -35,15 +34,11 @@ SHOPKEEPER = NpcSpec(id="tam", name="Tam", persona="A shopkeeper who sells rope 
                      actions=["none", "trade"], emotions=["neutral", "happy"])
 
 
-def request(npc: NpcSpec, tokens: int, line: str) -> GenerationRequest:
-    return GenerationRequest(prompt=render_prompt(npc, [], line), schema=reply_schema(npc), max_tokens=tokens)
-
-
 def one_round(backend: LlamaCppBackend, delay: float, use_urgent: bool, tag: str) -> tuple[float, float]:
     """Seconds from the foreground line's arrival to its admission and to its first streamed piece."""
     done: list[GenerationResult | BaseException] = []
     def line(npc: NpcSpec) -> Callable[[], GenerationRequest]:
-        return lambda: request(npc, 48, f"{bench.LINE} {tag}")
+        return lambda: bench.request(npc, 48, line=f"{bench.LINE} {tag}")
 
     background = [BatchItem(line(n), lambda _: True, done.append, priority=2) for n in bench.NPCS]
     marks: dict[str, float] = {}
@@ -52,8 +47,8 @@ def one_round(backend: LlamaCppBackend, delay: float, use_urgent: bool, tag: str
         marks.setdefault("first", time.perf_counter())
         return True
 
-    foreground = [BatchItem(lambda: request(SHOPKEEPER, 16, f"How much for a lamp? {tag}"), on_text, done.append,
-                            priority=0)]
+    foreground = [BatchItem(lambda: bench.request(SHOPKEEPER, 16, line=f"How much for a lamp? {tag}"), on_text,
+                            done.append, priority=0)]
 
     def take(n: int, adapter: object) -> list[BatchItem]:
         got = background[:n]
