@@ -317,3 +317,68 @@ def test_rl_prompts_cap_a_label_share() -> None:
     assert len(nones) <= 0.2 * len(capped) + 1
     assert [r["id"] for r in capped if r["label_action"] != "none"] == [r["id"] for r in others]
     assert load_prompts([TRAIN], max_action_share={"none": 0.2}) == capped  # the same seed, the same prompts
+
+
+# -- action mode: only the decision is sampled
+
+
+def test_action_mode_prompts_end_where_the_action_starts_and_rewards_judge_the_whole_line() -> None:
+    from zyke_train.rewards import grpo_reward_funcs
+    from zyke_train.rl import load_prompts
+
+    rows = load_prompts([TRAIN], limit=3, decide="action")
+    plain = load_prompts([TRAIN], limit=3)
+    for row, whole in zip(rows, plain, strict=True):
+        assert row["prompt"] == whole["prompt"] + row["reply_prefix"] and whole["reply_prefix"] == ""
+        assert row["prompt"].endswith('"action": "') and row["reply_prefix"].startswith('{"say": ')
+    row = rows[0]
+    label, wrong = row["label_action"], next(a for a in row["actions"] if a != row["label_action"])
+    columns = {k: [row[k]] * 3 for k in row if k != "prompt"}
+    funcs = {f.__name__: f for f in grpo_reward_funcs()}
+    completions = [label + '"}', wrong + '"}', 'dance"}']
+    assert funcs["action"]([row["prompt"]] * 3, completions, **columns) == [1.0, -1.0, -1.0]
+    assert funcs["validity"]([row["prompt"]] * 3, completions, **columns) == [1.0, 1.0, -1.0]
+
+
+def test_label_probabilities_match_token_by_token_decoding(tiny: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from zyke_train.rl import label_probabilities, load_prompts
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    rows = load_prompts([TRAIN], limit=2, decide="action")
+    rows.append({**rows[0], "label_action": None})  # a reward row without a label
+    probs = label_probabilities(model, tokenizer, rows)
+    assert probs[2] is None
+    for row, prob in zip(rows[:2], probs[:2], strict=True):
+        ids = tokenizer(row["prompt"])["input_ids"]
+        expected = 1.0
+        with torch.no_grad():
+            for token in tokenizer(row["label_action"] + '"}', add_special_tokens=False)["input_ids"]:
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+                expected *= float(torch.softmax(logits.float(), dim=-1)[token])
+                ids.append(token)
+        assert prob is not None and prob == pytest.approx(expected, rel=1e-3)
+
+
+def test_rl_action_mode_keeps_unsure_prompts_and_trains(tiny: Path, tmp_path: Path) -> None:
+    npc = tmp_path / "npc.jsonl"
+    npc.write_text("".join(TRAIN.read_text().splitlines(keepends=True)[:3]))
+    run = tmp_path / "sft"
+    invoke("train", "--model", str(tiny), "--data", str(npc), "--output-dir", str(run), "--max-steps", "1",
+           "--batch-size", "3", "--lora-r", "4", "--lora-alpha", "8", "--lora-target-modules", "q_proj,v_proj",
+           "--max-length", "384", "--threads", "2")
+    start = lora_tensors(run / "adapter")
+    out = invoke("rl", "--model", str(tiny), "--adapter", str(run / "adapter"), "--data", str(npc),
+                 "--output-dir", str(tmp_path / "rl"), "--decide", "action", "--keep-below", "0.5",
+                 "--max-steps", "1", "--num-generations", "2", "--max-completion-length", "8", "--lr", "0.01",
+                 "--threads", "2").output
+    assert "kept 3 of 3 prompts" in out  # a random tiny model is sure of no label
+    log = json.loads((tmp_path / "rl" / "rl_log.json").read_text())
+    assert log["config"]["decide"] == "action" and log["prompts"] == 3 and log["steps"] == 1
+    after = lora_tensors(tmp_path / "rl" / "adapter")
+    assert any(not np.array_equal(after[k], start[k]) for k in start)
+    bad = CliRunner().invoke(main, ["rl", "--data", str(npc), "--output-dir", str(tmp_path / "o"),
+                                    "--keep-below", "0.5"])
+    assert bad.exit_code == 1 and "needs --decide action" in bad.output

@@ -314,6 +314,11 @@ def train_cmd(data: tuple[Path, ...], output_dir: Path, adapter_name: str | None
               help="Length band of `say` (the length term is 0 inside it).")
 @click.option("--max-say-chars", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--decide", type=click.Choice(["reply", "action"]), default="reply", show_default=True,
+              help="Sample whole replies, or only the action after each row's own line and emotion.")
+@click.option("--keep-below", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="With --decide action: train only on prompts whose label the starting adapter gives a "
+                   "probability below this (the rest teach GRPO nothing).")
 @click.option("--adapter-name", default=None, help="Register the result for the daemon under this name.")
 def rl_cmd(data: tuple[Path, ...], adapter: str, output_dir: Path, reward_weights: str | None,
            adapter_name: str | None, **options: object) -> None:

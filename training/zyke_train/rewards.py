@@ -1,8 +1,10 @@
 """The reward function of ``zyke-train rl``: five terms, each a plain function of one completion.
 
 Every term is computed on the completion's first line, the reply JSON the daemon would keep (it stops
-at the end of the line). GRPO (TRL) sums the terms with ``RewardWeights`` and compares each completion
-with the other completions of the same prompt, so only differences between completions matter.
+at the end of the line); in action mode (``rl --decide action``) the completion is only the action and the
+row's ``reply_prefix`` (its line and emotion) is put in front of it first. GRPO (TRL) sums the terms with
+``RewardWeights`` and compares each completion with the other completions of the same prompt, so only
+differences between completions matter.
 
 - ``validity``: +1 when the line is one JSON object with exactly ``say``, ``emotion`` and ``action``,
   ``say`` a string of at most ``MAX_SAY_CHARS``, the emotion among the NPC's and the action among the turn's
@@ -155,7 +157,8 @@ def grpo_reward_funcs(min_chars: int = 2, max_chars: int = MAX_SAY_CHARS) -> lis
         def func(prompts: list[str], completions: list[str], _term: Callable[..., float | None] = term,
                  _name: str = name, **columns: Any) -> list[float | None]:
             extra = {"min_chars": min_chars, "max_chars": max_chars} if _name == "length" else {}
-            return [_term(c, row_from_columns(columns, i), **extra) for i, c in enumerate(completions)]
+            prefixes = columns.get("reply_prefix") or [""] * len(completions)  # action mode: line given
+            return [_term(prefixes[i] + c, row_from_columns(columns, i), **extra) for i, c in enumerate(completions)]
 
         func.__name__ = name
         funcs.append(func)

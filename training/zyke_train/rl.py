@@ -17,6 +17,15 @@ inputs and takes its output:
   frozen copy of it as a second adapter named ``ref`` and computes the reference log-probabilities with it
   (``GRPOTrainer.__init__``, "create a 'ref' adapter that is a copy of the 'default' adapter"): the KL term
   anchors to the adapter we started from, not to the bare base model. Only ``default`` is saved.
+- **Whole replies, or only the decision.** ``decide="reply"`` samples the whole reply line. ``decide="action"``
+  gives the row's own line and emotion as the start of the reply and samples only the action after them, the
+  label the game acts on: a sample costs a few tokens instead of sixty, so the same CPU minutes see ten times
+  the prompts, and the line a label is rewarded after always fits it (the row's own line, where the model's
+  own line might say no while the label says sell).
+- **Only prompts the adapter is unsure of** (``keep_below``). GRPO learns nothing from a prompt whose samples
+  all score the same; DAPO (Yu et al. 2025, "dynamic sampling") over-samples and drops such groups. Here the
+  starting adapter's probability of each prompt's label is computed once, teacher-forced, and prompts above
+  ``keep_below`` are dropped before training (action mode: the label is the whole completion).
 - **A small, explicit budget.** ``--max-steps`` optimizer steps, each on ``--prompts-per-step`` prompts x
   ``--num-generations`` samples of at most ``--max-completion-length`` tokens. The step log (loss, KL and
   every reward term's mean per step) is written to ``rl_log.json``.
@@ -71,6 +80,14 @@ class RlConfig:
     max_say_chars: int = 300
     threads: int | None = None
     weights: RewardWeights = field(default_factory=RewardWeights)
+    #: What is sampled: ``reply`` (the whole line) or ``action`` (after the row's own line and emotion).
+    decide: str = "reply"
+    #: Action mode: keep only prompts whose label the starting adapter gives a probability below this.
+    keep_below: float | None = None
+
+
+#: What ``RlConfig.decide`` accepts.
+DECIDE = ("reply", "action")
 
 
 @dataclass
@@ -85,14 +102,17 @@ class RlResult:
 # -- data
 
 
-def prompt_row(row: dict[str, Any]) -> dict[str, Any]:
+def prompt_row(row: dict[str, Any], decide: str = "reply") -> dict[str, Any]:
     """One GRPO dataset row from an NPC dataset row or a reward row (docs/EXPERIENCE.md).
 
     An NPC row's reply action is its label (simulated feedback: the training split says what was right);
-    a reward row carries the recorded reply's action and reward, and a label when the game sent one."""
-    from zyke.prompt_format import allowed_action_names, render_prompt
+    a reward row carries the recorded reply's action and reward, and a label when the game sent one.
+    With ``decide="action"`` the prompt goes on with the row's reply (or the recorded one) up to where its
+    action starts; ``reply_prefix`` keeps that text so the reward terms judge the whole line."""
+    from zyke.prompt_format import allowed_action_names, render_prompt, render_reply
     from zyke.protocol.models import NpcSpec, Turn
 
+    from .evaluate import up_to_action
     from .npc_data import check_row
 
     recorded = row.get("recorded")
@@ -114,7 +134,9 @@ def prompt_row(row: dict[str, Any]) -> dict[str, Any]:
         label = (row.get("label") or {}).get("action")
         recorded_action = recorded["action"]
         reward = float(reward)
-    return {"prompt": render_prompt(npc, history, row["input"], row.get("state"), allowed),
+    prefix = up_to_action(render_reply(context["reply"])) if decide == "action" else ""
+    return {"prompt": render_prompt(npc, history, row["input"], row.get("state"), allowed) + prefix,
+            "reply_prefix": prefix,
             "id": row["id"], "emotions": npc.emotion_names, "actions": allowed_action_names(npc, allowed),
             "history_says": [t.reply.say for t in history], "label_action": label,
             "recorded_action": recorded_action, "recorded_reward": reward}
@@ -129,7 +151,7 @@ def cap_label_share(rows: list[dict[str, Any]], max_share: dict[str, float], see
 
 
 def load_prompts(paths: Sequence[Path], limit: int | None = None, max_action_share: dict[str, float] | None = None,
-                 seed: int = 0) -> list[dict[str, Any]]:
+                 seed: int = 0, decide: str = "reply") -> list[dict[str, Any]]:
     """GRPO rows from every file, bad rows skipped with a warning (like ``train``), at most ``limit``, then
     labels capped by ``max_action_share``."""
     rows: list[dict[str, Any]] = []
@@ -146,7 +168,7 @@ def load_prompts(paths: Sequence[Path], limit: int | None = None, max_action_sha
                 raw = json.loads(line)
                 if not isinstance(raw, dict):
                     raise ValueError("a row is a JSON object")
-                rows.append(prompt_row(raw))
+                rows.append(prompt_row(raw, decide))
             except (json.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
                 skipped.append(f"{path}:{lineno}: {exc}")
     if skipped:
@@ -158,6 +180,27 @@ def load_prompts(paths: Sequence[Path], limit: int | None = None, max_action_sha
     if not rows:
         raise RlError("no usable rows in " + ", ".join(map(str, paths)) + (f" ({skipped[0]})" if skipped else ""))
     return rows
+
+
+def label_probabilities(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
+                        on_progress: Callable[[int], object] = lambda _: None) -> list[float | None]:
+    """Action mode: the model's probability of each row's label as the whole completion (label, closing
+    ``"}``), teacher-forced; None for rows without a label. One forward pass per row, no gradients."""
+    import torch
+
+    out: list[float | None] = []
+    with torch.no_grad():
+        for i, row in enumerate(rows):
+            if row["label_action"] is None:
+                out.append(None)
+                continue
+            prompt = tokenizer(row["prompt"])["input_ids"]
+            label = tokenizer(row["label_action"] + '"}', add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + label])
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), dim=-1)
+            out.append(float(logprobs.gather(1, torch.tensor(label)[:, None]).sum().exp()))
+            on_progress(i + 1)
+    return out
 
 
 # -- the starting adapter
@@ -196,11 +239,16 @@ def rl(config: RlConfig, on_log: Callable[[str], None] = print) -> RlResult:
             or config.prompts_per_step < 1:
         raise RlError("--max-steps >= 1, --num-generations >= 2 (GRPO compares samples of one prompt), "
                       "--max-completion-length >= 8 and --prompts-per-step >= 1")
+    if config.decide not in DECIDE:
+        raise RlError(f"--decide is one of {', '.join(DECIDE)}, not {config.decide!r}")
+    if config.keep_below is not None and (config.decide != "action" or not 0 < config.keep_below <= 1):
+        raise RlError("--keep-below takes a probability in (0, 1] and needs --decide action")
     if config.threads:
         torch.set_num_threads(config.threads)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    rows = load_prompts([Path(p) for p in config.data], config.limit, config.max_action_share, config.seed)
+    rows = load_prompts([Path(p) for p in config.data], config.limit, config.max_action_share, config.seed,
+                        config.decide)
     from .adapters import resolve_adapter
     from .errors import AdapterError
 
@@ -223,6 +271,17 @@ def rl(config: RlConfig, on_log: Callable[[str], None] = print) -> RlResult:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    kept_from = len(rows)
+    if config.keep_below is not None:
+        from tqdm import tqdm
+
+        with tqdm(total=len(rows), desc="label probabilities", unit="prompt") as bar:
+            probs = label_probabilities(model, tokenizer, rows, lambda n: bar.update(n - bar.n))
+        rows = [r for r, p in zip(rows, probs, strict=True) if p is None or p < config.keep_below]
+        on_log(f"kept {len(rows)} of {kept_from} prompts whose label the starting adapter gives < "
+               f"{config.keep_below:g}")
+        if not rows:
+            raise RlError(f"the starting adapter is surer than {config.keep_below:g} of every label: nothing to learn")
 
     args = GRPOConfig(
         output_dir=str(output_dir / "grpo"), max_steps=config.max_steps, learning_rate=config.lr,
@@ -264,7 +323,8 @@ def rl(config: RlConfig, on_log: Callable[[str], None] = print) -> RlResult:
     adapter_dir = output_dir / "adapter"
     trained.save_pretrained(str(adapter_dir), selected_adapters=["default"])
     (output_dir / "rl_log.json").write_text(json.dumps({
-        "config": asdict(config), "start_adapter": config.adapter, "prompts": len(rows), "steps": len(history),
+        "config": asdict(config), "start_adapter": config.adapter, "prompts": len(rows),
+        "prompts_before_keep_below": kept_from, "steps": len(history),
         "seconds": round(elapsed, 1), "weight_change_l2": change, "log": history}, indent=1) + "\n",
         encoding="utf-8")
     on_log(f"LoRA weights moved by {change:.3g} (L2) from the starting adapter")
