@@ -197,7 +197,9 @@ def label_probabilities(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any
             prompt = tokenizer(row["prompt"])["input_ids"]
             label = tokenizer(row["label_action"] + '"}', add_special_tokens=False)["input_ids"]
             ids = torch.tensor([prompt + label])
-            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), dim=-1)
+            # logits only where the label's tokens are predicted: the whole prompt's would be 0.5 GB of floats
+            logits = model(input_ids=ids, logits_to_keep=len(label) + 1).logits[0, :-1]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
             out.append(float(logprobs.gather(1, torch.tensor(label)[:, None]).sum().exp()))
             on_progress(i + 1)
     return out
@@ -286,8 +288,11 @@ def rl(config: RlConfig, on_log: Callable[[str], None] = print) -> RlResult:
     args = GRPOConfig(
         output_dir=str(output_dir / "grpo"), max_steps=config.max_steps, learning_rate=config.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        per_device_train_batch_size=config.prompts_per_step * config.num_generations,
-        gradient_accumulation_steps=1, num_generations=config.num_generations,
+        # one prompt's samples per forward/backward, the step's prompts accumulated: the same optimizer step as one
+        # batch of all of them, without holding every sample's activations at once (14 GB for 4 x 6 samples of a
+        # 470-token prompt, and 3.5 min a step on 2 cores)
+        per_device_train_batch_size=config.num_generations, gradient_accumulation_steps=config.prompts_per_step,
+        num_generations=config.num_generations,
         max_completion_length=config.max_completion_length, temperature=config.temperature, beta=config.beta,
         reward_weights=config.weights.as_list(), seed=config.seed, data_seed=config.seed, logging_steps=1,
         save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), bf16=use_bf16,
