@@ -24,7 +24,7 @@ $PY training/data/generate.py --check
 #    One honest difference: the shipped stage 3 ran before the engine's empty-purse rule (`_price_known`), on rows
 #    identical to those of commit 8e241fe except the gold of 97 no-money rows (a small number then, 0 now).
 #    Stages 3-4 read the rows of commit 8e241fe (before the engine had 6-12 names per action); stage 5 trains on
-#    today's rows, 400 steps at lr 3e-4, to read action names it has not memorised (unseen action names 0.403 ->
+#    the rows of commit b08a4d7 (6-12 names; the engine has more since), 400 steps at lr 3e-4, to read action names it has not memorised (unseen action names 0.403 ->
 #    0.552 on held-out). Honest difference: the shipped stage 5 started from the half-precision shipped copy of
 #    stage 4 (`--init-adapter npc-default`), this script from stage 4's own output.
 OLD_DATA=$OUT-data-2e3f657
@@ -33,6 +33,9 @@ git show 2e3f657:training/data/npc_generated_train.jsonl > "$OLD_DATA/npc_genera
 MID_DATA=$OUT-data-8e241fe
 mkdir -p "$MID_DATA"
 git show 8e241fe:training/data/npc_generated_train.jsonl > "$MID_DATA/npc_generated_train.jsonl"
+S5_DATA=$OUT-data-b08a4d7  # stage 5's rows: the engine's names before the third set (20-24 a role) was added
+mkdir -p "$S5_DATA"
+git show b08a4d7:training/data/npc_generated_train.jsonl > "$S5_DATA/npc_generated_train.jsonl"
 COMMON="--data training/data/npc_train.jsonl --data training/data/npc_train.jsonl --data training/data/npc_train.jsonl \
 --batch-size 4 --lora-dropout 0 --max-length 448 --save-every 50 --threads $THREADS --decision-weight 5"
 STAGE12="zyke-train train --data $OLD_DATA/npc_generated_train.jsonl $COMMON --output-dir $OUT-v3 --max-steps 600 \
@@ -45,7 +48,7 @@ $PY -m zyke_train ${STAGE3#zyke-train }
 STAGE4="zyke-train train --data $MID_DATA/npc_generated_train.jsonl $COMMON --output-dir $OUT-v5 --max-steps 300 \
 --lr 3e-4 --max-action-share none=0.35 --init-adapter $OUT-v4/adapter"
 $PY -m zyke_train ${STAGE4#zyke-train }
-STAGE5="zyke-train train --data training/data/npc_generated_train.jsonl $COMMON --output-dir $OUT --max-steps 400 \
+STAGE5="zyke-train train --data $S5_DATA/npc_generated_train.jsonl $COMMON --output-dir $OUT --max-steps 400 \
 --lr 3e-4 --max-action-share none=0.35 --init-adapter $OUT-v5/adapter"
 $PY -m zyke_train ${STAGE5#zyke-train }
 RECIPE="$STAGE12 (600 steps, then --max-steps 1200 --resume-latest); $STAGE3; $STAGE4; $STAGE5"
