@@ -19,9 +19,9 @@ inputs and takes its output:
   anchors to the adapter we started from, not to the bare base model. Only ``default`` is saved.
 - **Whole replies, or only the decision.** ``decide="reply"`` samples the whole reply line. ``decide="action"``
   gives the row's own line and emotion as the start of the reply and samples only the action after them, the
-  label the game acts on: a sample costs a few tokens instead of sixty, so the same CPU minutes see ten times
-  the prompts, and the line a label is rewarded after always fits it (the row's own line, where the model's
-  own line might say no while the label says sell).
+  label the game acts on, so the line a label is rewarded after always fits it (the row's own line, where the
+  model's own line might say no while the label says sell). It is not much cheaper on a CPU: a sample's cost
+  is the forward and backward pass over its ~470-token prompt (measured about 6 s a sample either way).
 - **Only prompts the adapter is unsure of** (``keep_below``). GRPO learns nothing from a prompt whose samples
   all score the same; DAPO (Yu et al. 2025, "dynamic sampling") over-samples and drops such groups. Here the
   starting adapter's probability of each prompt's label is computed once, teacher-forced, and prompts above
