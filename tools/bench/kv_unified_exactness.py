@@ -9,7 +9,7 @@ This checks whether that stays exact: three prompts are prefilled (in the daemon
 sequence's run (a few tokens, unequal) is evaluated in a call of its own on a fresh context, or all three in one call,
 and the last logits of each run are compared. Prints the largest absolute difference per sequence for both layouts.
 Measured 2026-12-01 on the embedded model: per slot 0.0 for all three, unified 0.60-0.72, so unified KV would change
-replies and the scheduler keeps per-slot streams.
+replies (differences of this size did before) and the scheduler keeps per-slot streams.
 """
 
 from __future__ import annotations
