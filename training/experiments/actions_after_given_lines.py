@@ -21,10 +21,10 @@ from typing import Any
 
 
 def collect(adapter: str, files: list[Path]) -> list[dict[str, Any]]:
-    from zyke.prompt_format import allowed_action_names, render_prompt, render_reply, reply_schema
+    from zyke.prompt_format import render_prompt, render_reply, reply_schema
     from zyke_daemon.backends.base import GenerationRequest
     from zyke_train.adapters import default_registry
-    from zyke_train.evaluate import label_scores, load_scenarios, open_backend, up_to_action
+    from zyke_train.evaluate import load_scenarios, open_backend, scored_action
 
     backend = open_backend("llama.cpp", None, 2)
     backend.load_adapter(adapter, default_registry().resolve(adapter, backend.fingerprint, backend.adapter_kind))
@@ -39,12 +39,10 @@ def collect(adapter: str, files: list[Path]) -> list[dict[str, Any]]:
             result = backend.generate(GenerationRequest(prompt=prompt, max_tokens=96, adapter=adapter,
                                                         schema=reply_schema(s.npc, allowed_actions=s.allowed_actions)),
                                       lambda _: True)
-            allowed = allowed_action_names(s.npc, s.allowed_actions)
-            given = up_to_action(render_reply({**s.expected, "action": ""}))
-            scores = label_scores(backend, prompt + given, allowed, adapter)
             rows.append({"file": str(path), "id": s.id, "expected": s.expected["action"],
                          "greedy": json.loads(result.text)["action"],
-                         "after_given_line": allowed[max(range(len(scores)), key=scores.__getitem__)]})
+                         # evaluate --score-actions' pick, after the scenario's own reply instead of the decoded one
+                         "after_given_line": scored_action(backend, prompt, render_reply(s.expected), s, adapter)})
     backend.close()
     return rows
 
