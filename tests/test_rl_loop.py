@@ -343,7 +343,7 @@ def test_action_mode_prompts_end_where_the_action_starts_and_rewards_judge_the_w
 def test_label_probabilities_match_token_by_token_decoding(tiny: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from zyke_train.rl import label_probabilities, load_prompts
+    from zyke_train.rl import label_logprobs, label_probabilities, load_prompts
 
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny)
@@ -360,6 +360,13 @@ def test_label_probabilities_match_token_by_token_decoding(tiny: Path) -> None:
                 expected *= float(torch.softmax(logits.float(), dim=-1)[token])
                 ids.append(token)
         assert prob is not None and prob == pytest.approx(expected, rel=1e-3)
+    # every allowed label in one right-padded batch, labels of different lengths: the same as one at a time
+    ids, labels = tokenizer(rows[0]["prompt"])["input_ids"], rows[0]["actions"]
+    assert len({len(tokenizer(a)["input_ids"]) for a in labels}) > 1
+    with torch.no_grad():
+        batched = label_logprobs(model, tokenizer, ids, labels)
+        alone = [label_logprobs(model, tokenizer, ids, [a])[0] for a in labels]
+    assert batched == pytest.approx(alone, abs=1e-4)
 
 
 def test_rl_action_mode_keeps_unsure_prompts_and_trains(tiny: Path, tmp_path: Path) -> None:
@@ -373,12 +380,16 @@ def test_rl_action_mode_keeps_unsure_prompts_and_trains(tiny: Path, tmp_path: Pa
     out = invoke("rl", "--model", str(tiny), "--adapter", str(run / "adapter"), "--data", str(npc),
                  "--output-dir", str(tmp_path / "rl"), "--decide", "action", "--keep-below", "0.5",
                  "--max-steps", "1", "--num-generations", "2", "--max-completion-length", "8", "--lr", "0.01",
-                 "--threads", "2").output
+                 "--threads", "2", "--save-every", "1").output
     assert "kept 3 of 3 prompts" in out  # a random tiny model is sure of no label
     log = json.loads((tmp_path / "rl" / "rl_log.json").read_text())
     assert log["config"]["decide"] == "action" and log["prompts"] == 3 and log["steps"] == 1
+    # a random tiny model samples freely almost never a valid label; under the allowed-label constraint always
+    assert log["log"][0]["rewards/validity/mean"] == 1.0
     after = lora_tensors(tmp_path / "rl" / "adapter")
     assert any(not np.array_equal(after[k], start[k]) for k in start)
+    saved = lora_tensors(tmp_path / "rl" / "grpo" / "checkpoint-1")  # --save-every: the trained adapter, not ref
+    assert saved.keys() == after.keys() and all(np.array_equal(saved[k], after[k]) for k in after)
     bad = CliRunner().invoke(main, ["rl", "--data", str(npc), "--output-dir", str(tmp_path / "o"),
                                     "--keep-below", "0.5"])
     assert bad.exit_code == 1 and "needs --decide action" in bad.output

@@ -319,6 +319,8 @@ def train_cmd(data: tuple[Path, ...], output_dir: Path, adapter_name: str | None
 @click.option("--keep-below", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="With --decide action: train only on prompts whose label the starting adapter gives a "
                    "probability below this (the rest teach GRPO nothing).")
+@click.option("--save-every", type=click.IntRange(1), default=None,
+              help="Also save the adapter every N steps (OUTPUT_DIR/grpo/checkpoint-N), to evaluate along the way.")
 @click.option("--adapter-name", default=None, help="Register the result for the daemon under this name.")
 def rl_cmd(data: tuple[Path, ...], adapter: str, output_dir: Path, reward_weights: str | None,
            adapter_name: str | None, **options: object) -> None:

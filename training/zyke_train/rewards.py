@@ -8,7 +8,8 @@ differences between completions matter.
 
 - ``validity``: +1 when the line is one JSON object with exactly ``say``, ``emotion`` and ``action``,
   ``say`` a string of at most ``MAX_SAY_CHARS``, the emotion among the NPC's and the action among the turn's
-  allowed ones (the reply schema the daemon decodes under); else -1. Always applies.
+  allowed ones (the reply schema the daemon decodes under); else -1. Always applies; in action mode every
+  sample is an allowed label (``rl.label_rollout``), so it is +1 throughout and moves nothing.
 - ``action``: +1 when the reply's action is the labelled one, -1 otherwise (an invalid reply is wrong).
   Applies when the row has a label: a training-split row's own action, or a feedback label.
 - ``feedback``: the recorded reward when the reply takes the recorded reply's action, 0 otherwise.

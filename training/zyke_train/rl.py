@@ -20,8 +20,11 @@ inputs and takes its output:
 - **Whole replies, or only the decision.** ``decide="reply"`` samples the whole reply line. ``decide="action"``
   gives the row's own line and emotion as the start of the reply and samples only the action after them, the
   label the game acts on, so the line a label is rewarded after always fits it (the row's own line, where the
-  model's own line might say no while the label says sell). It is not much cheaper on a CPU: a sample's cost
-  is the forward and backward pass over its ~470-token prompt (measured about 6 s a sample either way).
+  model's own line might say no while the label says sell). The label is drawn among the turn's allowed
+  labels only, from the policy's own probabilities of them (``label_rollout``, TRL's ``rollout_func``), as
+  the daemon decodes under the schema; sampled freely, invalid labels made ``none`` the safe bet. It is not
+  much cheaper on a CPU: a sample's cost is the forward and backward pass over its ~470-token prompt
+  (measured about 6 s a sample either way).
 - **Only prompts the adapter is unsure of** (``keep_below``). GRPO learns nothing from a prompt whose samples
   all score the same; DAPO (Yu et al. 2025, "dynamic sampling") over-samples and drops such groups. Here the
   starting adapter's probability of each prompt's label is computed once, teacher-forced, and prompts above
@@ -84,6 +87,8 @@ class RlConfig:
     decide: str = "reply"
     #: Action mode: keep only prompts whose label the starting adapter gives a probability below this.
     keep_below: float | None = None
+    #: Also save the adapter every N steps (``OUTPUT_DIR/grpo/checkpoint-N``), to see where a run went.
+    save_every: int | None = None
 
 
 #: What ``RlConfig.decide`` accepts.
@@ -182,10 +187,36 @@ def load_prompts(paths: Sequence[Path], limit: int | None = None, max_action_sha
     return rows
 
 
+#: What follows the label in a reply line: the closing quote and brace (the line's newline ends the sample).
+LABEL_END = '"}'
+
+
+def label_logprobs(model: Any, tokenizer: Any, prompt_ids: Sequence[int], labels: Sequence[str]) -> list[float]:
+    """Each label's log-probability as the whole completion (label, closing ``"}``) after the prompt.
+
+    One forward pass for all labels: the rows are the prompt plus one label each, right-padded, which needs
+    no attention mask (a causal model's earlier positions never see the padding after them); logits are kept
+    only where label tokens are predicted, since a prompt's full logits are 0.5 GB of floats."""
+    import torch
+
+    encoded = [tokenizer(label + LABEL_END, add_special_tokens=False)["input_ids"] for label in labels]
+    longest = max(len(e) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[*prompt_ids, *e, *[pad] * (longest - len(e))] for e in encoded])
+    logits = model(input_ids=ids, logits_to_keep=longest + 1).logits[:, :-1]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor([[*e, *[pad] * (longest - len(e))] for e in encoded])
+    picked = logprobs.gather(2, targets[:, :, None])[:, :, 0]
+    mask = torch.tensor([[1.0] * len(e) + [0.0] * (longest - len(e)) for e in encoded])
+    return [float(x) for x in (picked * mask).sum(dim=1)]
+
+
 def label_probabilities(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]],
                         on_progress: Callable[[int], object] = lambda _: None) -> list[float | None]:
     """Action mode: the model's probability of each row's label as the whole completion (label, closing
     ``"}``), teacher-forced; None for rows without a label. One forward pass per row, no gradients."""
+    import math
+
     import torch
 
     out: list[float | None] = []
@@ -195,14 +226,49 @@ def label_probabilities(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any
                 out.append(None)
                 continue
             prompt = tokenizer(row["prompt"])["input_ids"]
-            label = tokenizer(row["label_action"] + '"}', add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([prompt + label])
-            # logits only where the label's tokens are predicted: the whole prompt's would be 0.5 GB of floats
-            logits = model(input_ids=ids, logits_to_keep=len(label) + 1).logits[0, :-1]
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            out.append(float(logprobs.gather(1, torch.tensor(label)[:, None]).sum().exp()))
+            out.append(math.exp(label_logprobs(model, tokenizer, prompt, [row["label_action"]])[0]))
             on_progress(i + 1)
     return out
+
+
+def label_rollout(labels_of: dict[str, Sequence[str]], temperature: float, seed: int,
+                  end_id: int) -> Callable[[list[str], Any], dict[str, Any]]:
+    """Action mode's sampler, a TRL ``rollout_func``: each completion is one of the prompt's allowed labels,
+    drawn from the policy's own probabilities of the allowed labels (``label_logprobs``, renormalised,
+    ``temperature`` applied), then ``"}`` and the line's end (``end_id``).
+
+    Why not TRL's ``generate``: sampled freely, a third of the labels came out invalid, and with validity
+    scored the always-allowed ``none`` became the safe bet (the measured run in training/README.md learnt
+    ``none``). The daemon decodes under the schema, so the only choice that matters is among the allowed
+    labels, and that is exactly what this samples. The loss stays TRL's: the sampled tokens' log-probabilities
+    under the whole vocabulary, so a rewarded label gains mass from every other token."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def rollout(prompts: list[str], trainer: Any) -> dict[str, Any]:
+        model, tokenizer = trainer.model, trainer.processing_class
+        prompt_ids = tokenizer(text=prompts)["input_ids"]
+        policy: dict[str, tuple[Sequence[str], Any]] = {}
+        completions: list[list[int]] = []
+        was_training = model.training
+        model.eval()  # no LoRA dropout while sampling, as generate() would
+        try:
+            with torch.no_grad():
+                for prompt, ids in zip(prompts, prompt_ids, strict=True):
+                    if prompt not in policy:  # a prompt comes num_generations times in a row
+                        labels = labels_of[prompt]
+                        scores = torch.tensor(label_logprobs(model, tokenizer, ids, labels))
+                        policy[prompt] = (labels, torch.softmax(scores / temperature, dim=0))
+                    labels, probs = policy[prompt]
+                    label = labels[int(torch.multinomial(probs, 1, generator=generator))]
+                    completions.append([*tokenizer(label + LABEL_END, add_special_tokens=False)["input_ids"],
+                                        end_id])
+        finally:
+            model.train(was_training)
+        return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": None}
+
+    return rollout
 
 
 # -- the starting adapter
@@ -295,7 +361,8 @@ def rl(config: RlConfig, on_log: Callable[[str], None] = print) -> RlResult:
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length, temperature=config.temperature, beta=config.beta,
         reward_weights=config.weights.as_list(), seed=config.seed, data_seed=config.seed, logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), bf16=use_bf16,
+        save_strategy="steps" if config.save_every else "no", save_steps=config.save_every or 500,
+        save_only_model=True, report_to="none", use_cpu=not torch.cuda.is_available(), bf16=use_bf16,
         dataloader_num_workers=0, disable_tqdm=True, log_completions=False, gradient_checkpointing=False)
     # gradient_checkpointing off: TRL turns it on by default, but a LoRA on a 270M model has small activations,
     # and recomputing them on a CPU would cost a third of every backward pass for memory nobody needs.
@@ -311,10 +378,14 @@ def rl(config: RlConfig, on_log: Callable[[str], None] = print) -> RlResult:
                 on_log(f"step {state.global_step}: reward {entry.get('reward', float('nan')):.3f}, "
                        f"kl {entry.get('kl', 0.0):.4f}, loss {entry['loss']:.4f}")
 
+    rollout = None
+    if config.decide == "action":
+        end = newline[0] if len(newline) == 1 else tokenizer.eos_token_id
+        rollout = label_rollout({r["prompt"]: r["actions"] for r in rows}, config.temperature, config.seed, end)
     trainer = GRPOTrainer(model=model, reward_funcs=rewards.grpo_reward_funcs(config.min_say_chars,
                                                                                config.max_say_chars),
                           args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          callbacks=[_Log()])
+                          callbacks=[_Log()], rollout_func=rollout)
     on_log(f"{len(rows)} prompts; GRPO {config.max_steps} steps x {config.prompts_per_step} prompts x "
            f"{config.num_generations} samples of <= {config.max_completion_length} tokens, beta {config.beta} "
            f"(KL to the starting adapter), rewards {rewards.describe(config.weights)}")
