@@ -50,16 +50,9 @@ def collect(adapter: str, files: list[Path], orders: int) -> list[dict[str, Any]
 
 
 def table(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    out = {}
-    for way in ("declared_order", "order_mean"):
-        acting = [r for r in rows if r["expected"] != "none"]
-        quiet = [r for r in rows if r["expected"] == "none"]
-        out[way] = {"scenarios": len(rows),
-                    "action_accuracy": round(sum(r[way] == r["expected"] for r in rows) / len(rows), 3),
-                    "action_accuracy_non_none": round(sum(r[way] == r["expected"] for r in acting)
-                                                      / max(len(acting), 1), 3),
-                    "spurious_action_rate": round(sum(r[way] != "none" for r in quiet) / max(len(quiet), 1), 3)}
-    return out
+    from actions_after_given_lines import action_figures  # the sibling script (its folder is on sys.path)
+
+    return {way: action_figures(rows, way) for way in ("declared_order", "order_mean")}
 
 
 def main() -> None:
